@@ -1,0 +1,267 @@
+"""TOML → frozen, validated settings. No side effects: nothing here touches the disk
+except reading the file it is asked to read.
+
+Every problem in a file is collected and reported together, each with the key
+path, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobd.errors import ConfigError
+from jobd.protocol import DEFAULT_MAX_BATCH, DEFAULT_MAX_LINE
+
+DEFAULT_STATE_DIR = "/var/lib/jobd"
+DEFAULT_SOCKET = "/run/jobd/jobd.sock"
+DEFAULT_CONFIG = "/etc/jobd/jobd.toml"
+DEFAULT_SOCKET_MODE = 0o660  # owner and the socket group may connect
+DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running attempts get to finish on SIGTERM
+DEFAULT_KILL_GRACE = 5.0  # seconds between kill_signal (TERM) and SIGKILL
+DEFAULT_MAX_CONNECTIONS = 256  # simultaneous client connections
+DEFAULT_MAX_INFLIGHT = 64  # requests being served at once on one connection
+DEFAULT_WORKERS = 4  # slots of a pool that does not say
+POOL_KINDS = ("process", "thread")
+SOCKET_PATH_MAX = 107  # bytes; sun_path is 108 including the NUL
+
+# The embedded configuration of `jobd --dev` / `make run`: unprivileged paths
+# under ./.jobd, a command pool and a Python pool, and demo runs on first start.
+DEV_CONFIG = """
+[daemon]
+state_dir = ".jobd"
+socket = ".jobd/jobd.sock"
+socket_mode = "0600"
+synchronous = "full"
+demo = true
+
+[pools.default]
+kind = "process"
+workers = 2
+
+[pools.python]
+kind = "thread"
+workers = 2
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    name: str
+    kind: str  # "process": commands and shell lines; "thread": Python callables
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    """User names and ``@group`` names per role. Root and the daemon's uid are admins."""
+
+    read: tuple[str, ...] = ()
+    submit: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    state_dir: Path
+    socket: Path
+    log_dir: Path
+    socket_mode: int = DEFAULT_SOCKET_MODE
+    socket_group: str | None = None
+    synchronous: str = "full"
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    kill_grace: float = DEFAULT_KILL_GRACE
+    max_line: int = DEFAULT_MAX_LINE
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_inflight: int = DEFAULT_MAX_INFLIGHT
+    max_batch: int = DEFAULT_MAX_BATCH
+    pools: Mapping[str, PoolConfig] = field(default_factory=dict)
+    access: AccessConfig = AccessConfig()
+    demo: bool = False
+    source: str = "<defaults>"
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / "journal.db"
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_POOL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Collector:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def add(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {key}: {message}")
+
+
+def _table(c: _Collector, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        c.add(key, f"expected a table ([{key}]), found {type(value).__name__}")
+        return {}
+    return value
+
+
+def _unknown(c: _Collector, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            c.add(f"{prefix}.{key}", f"unknown key; known keys: {', '.join(sorted(known))}")
+
+
+def _duration(c: _Collector, table: Mapping[str, Any], prefix: str, key: str,
+              default: float) -> float:
+    value = table.get(key, default)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    c.add(f"{prefix}.{key}", f"expected a duration such as 10, \"10s\", \"500ms\" or \"2m\","
+                             f" found {value!r}")
+    return default
+
+
+def _positive_int(c: _Collector, table: Mapping[str, Any], prefix: str, key: str,
+                  default: int, minimum: int = 1) -> int:
+    value = table.get(key, default)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+        return value
+    c.add(f"{prefix}.{key}", f"expected an integer >= {minimum}, found {value!r}")
+    return default
+
+
+def _path(c: _Collector, table: Mapping[str, Any], prefix: str, key: str, default: str,
+          base: Path) -> Path:
+    value = table.get(key, default)
+    if not isinstance(value, str) or not value:
+        c.add(f"{prefix}.{key}", f"expected a path string, found {value!r}")
+        value = default
+    path = Path(value)
+    return path if path.is_absolute() else (base / path)
+
+
+def _names(c: _Collector, table: Mapping[str, Any], prefix: str, key: str) -> tuple[str, ...]:
+    value = table.get(key, [])
+    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    c.add(f"{prefix}.{key}", f"expected a list of user names and \"@group\" names,"
+                             f" found {value!r}")
+    return ()
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
+                 base: Path | None = None) -> Config:
+    """Validate a parsed TOML document. Relative paths are resolved against ``base``."""
+    base = (base or Path.cwd()).absolute()
+    c = _Collector(source)
+    _unknown(c, data, "", {"daemon", "limits", "pools", "access"})
+    daemon = _table(c, data, "daemon")
+    _unknown(c, daemon, "daemon", {"state_dir", "socket", "socket_mode", "socket_group",
+                                   "log_dir", "synchronous", "shutdown_grace", "kill_grace",
+                                   "demo"})
+    state_dir = _path(c, daemon, "daemon", "state_dir", DEFAULT_STATE_DIR, base)
+    socket = _path(c, daemon, "daemon", "socket", DEFAULT_SOCKET, base)
+    if len(str(socket).encode()) > SOCKET_PATH_MAX:
+        c.add("daemon.socket", f"path is {len(str(socket).encode())} bytes; a Unix socket path"
+                               f" must be at most {SOCKET_PATH_MAX}: choose a shorter path")
+    log_dir = _path(c, daemon, "daemon", "log_dir", str(state_dir / "logs"), base)
+    mode_raw = daemon.get("socket_mode", f"{DEFAULT_SOCKET_MODE:04o}")
+    socket_mode = DEFAULT_SOCKET_MODE
+    try:
+        socket_mode = int(mode_raw, 8) if isinstance(mode_raw, str) else -1
+        if not 0 <= socket_mode <= 0o777:
+            raise ValueError
+    except ValueError:
+        c.add("daemon.socket_mode", f"expected an octal mode string such as \"0660\","
+                                    f" found {mode_raw!r}")
+    group = daemon.get("socket_group")
+    if group is not None and not (isinstance(group, str) and group):
+        c.add("daemon.socket_group", f"expected a group name, found {group!r}")
+        group = None
+    synchronous = daemon.get("synchronous", "full")
+    if synchronous not in ("full", "normal"):
+        c.add("daemon.synchronous", f"expected \"full\" (survives power loss) or \"normal\""
+                                    f" (survives process crashes only), found {synchronous!r}")
+        synchronous = "full"
+    demo = daemon.get("demo", False)
+    if not isinstance(demo, bool):
+        c.add("daemon.demo", f"expected true or false, found {demo!r}")
+        demo = False
+
+    limits = _table(c, data, "limits")
+    _unknown(c, limits, "limits", {"max_line", "max_connections", "max_inflight", "max_batch"})
+
+    pools: dict[str, PoolConfig] = {}
+    for name, table in _table(c, data, "pools").items():
+        prefix = f"pools.{name}"
+        if not _POOL_NAME_RE.match(name):
+            c.add(prefix, "pool names are 1-64 letters, digits, '_', '.', '-'")
+        if not isinstance(table, dict):
+            c.add(prefix, "expected a table")
+            continue
+        _unknown(c, table, prefix, {"kind", "workers"})
+        kind = table.get("kind", "process")
+        if kind not in POOL_KINDS:
+            c.add(f"{prefix}.kind", f"expected \"process\" (commands) or \"thread\""
+                                    f" (Python callables), found {kind!r}")
+            kind = "process"
+        pools[name] = PoolConfig(name, kind, _positive_int(c, table, prefix, "workers",
+                                                           DEFAULT_WORKERS))
+    pools.setdefault("default", PoolConfig("default", "process", DEFAULT_WORKERS))
+
+    access = _table(c, data, "access")
+    _unknown(c, access, "access", {"read", "submit", "admin"})
+    config = Config(
+        state_dir=state_dir,
+        socket=socket,
+        log_dir=log_dir,
+        socket_mode=socket_mode,
+        socket_group=group,
+        synchronous=synchronous,
+        shutdown_grace=_duration(c, daemon, "daemon", "shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        kill_grace=_duration(c, daemon, "daemon", "kill_grace", DEFAULT_KILL_GRACE),
+        max_line=_positive_int(c, limits, "limits", "max_line", DEFAULT_MAX_LINE, 1024),
+        max_connections=_positive_int(c, limits, "limits", "max_connections",
+                                      DEFAULT_MAX_CONNECTIONS),
+        max_inflight=_positive_int(c, limits, "limits", "max_inflight", DEFAULT_MAX_INFLIGHT),
+        max_batch=_positive_int(c, limits, "limits", "max_batch", DEFAULT_MAX_BATCH),
+        pools=pools,
+        access=AccessConfig(_names(c, access, "access", "read"),
+                            _names(c, access, "access", "submit"),
+                            _names(c, access, "access", "admin")),
+        demo=demo,
+        source=source,
+    )
+    if c.problems:
+        raise ConfigError(c.problems, hint="fix the keys above; jobd.toml.example documents"
+                                           " every key with its default")
+    return config
+
+
+def load_config(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"],
+                          hint="pass --config PATH, or --dev for the built-in development"
+                               " configuration") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    return parse_config(data, source=str(path), base=path.parent)
+
+
+def dev_config(base: Path | None = None) -> Config:
+    return parse_config(tomllib.loads(DEV_CONFIG), source="<built-in --dev config>",
+                        base=base or Path.cwd())

@@ -1,0 +1,290 @@
+"""The scheduler: a pure state machine from events to effects.
+
+``Scheduler.handle(event, now) -> list[Effect]``. It owns every *active* run
+(queued, running); terminal runs leave memory once their last effect is
+emitted, because the journal is the source of truth and the heap is a cache.
+
+Each pool has a ready heap ordered by (-priority, run id): higher priority
+first, submission order within a priority (run ids are assigned in
+submission order). Cancelled runs are deleted lazily: they stay in the heap
+and are skipped when popped, which keeps cancel O(1).
+
+A pool's ``busy`` count is the number of its slots in use. It is usually the
+number of running runs, except for *held* slots: a cancelled Python callable
+cannot be interrupted, so its run ends at once but its thread keeps the slot
+until the call returns (DESIGN.md, "Timeouts").
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from jobd.core.effects import (
+    Created,
+    Effect,
+    Ended,
+    Kill,
+    KillLeftovers,
+    PidRecorded,
+    Started,
+    StateChanged,
+)
+from jobd.core.model import Kind, NewRun, Outcome, Result, Run, State
+
+# A run whose attempt is lost to a crash is re-queued this many times; lost
+# again after that, it fails. (Retry policies replace this with issue 3.)
+MAX_LOST_REQUEUES = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    runs: tuple[NewRun, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessStarted:
+    """The executor spawned an attempt's process."""
+
+    run_id: int
+    attempt: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A batch of attempt results handed back by the executors."""
+
+    results: tuple[Result, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    run_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Recover:
+    """Start-up: the active runs found in the journal."""
+
+    runs: tuple[Run, ...]
+    next_id: int
+
+
+Event = Submit | ProcessStarted | Finished | Cancel | Recover
+
+
+@dataclass(slots=True)
+class PoolState:
+    name: str
+    workers: int
+    configured: bool = True
+    heap: list[tuple[int, int]] = field(default_factory=list)
+    queued: int = 0
+    running: int = 0
+    held: int = 0  # slots held by cancelled callables still executing
+
+    @property
+    def busy(self) -> int:
+        return self.running + self.held
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    name: str
+    workers: int
+    configured: bool
+    queued: int
+    running: int
+    held: int
+
+
+class Scheduler:
+    def __init__(self, pools: Mapping[str, int]) -> None:
+        """``pools`` maps each configured pool name to its worker count."""
+        self.pools: dict[str, PoolState] = {
+            name: PoolState(name, workers) for name, workers in pools.items()
+        }
+        self.runs: dict[int, Run] = {}
+        self.next_id = 1
+        self._held: set[tuple[int, int]] = set()
+        self._held_pools: dict[int, str] = {}
+        self.cancel_results: dict[int, str] = {}
+        #: when true, nothing new starts (the daemon is shutting down)
+        self.draining = False
+
+    # -- events -----------------------------------------------------------
+
+    def handle(self, event: Event, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        match event:
+            case Submit(runs):
+                self._submit(runs, now, effects)
+            case Finished(results):
+                self._finished(results, effects)
+            case ProcessStarted(run_id, attempt, pid):
+                run = self.runs.get(run_id)
+                if run is not None and run.state is State.RUNNING and run.attempts == attempt:
+                    effects.append(PidRecorded(run_id, attempt, pid))
+                return effects
+            case Cancel(run_ids):
+                self._cancel(run_ids, now, effects)
+            case Recover(runs, next_id):
+                self._recover(runs, next_id, now, effects)
+        self._dispatch(now, effects)
+        return effects
+
+    def _submit(self, new_runs: Iterable[NewRun], now: float, effects: list[Effect]) -> None:
+        for new in new_runs:
+            run_id = self.next_id
+            self.next_id += 1
+            run = Run(
+                id=run_id,
+                spec=new.spec,
+                pool=new.pool,
+                priority=new.priority,
+                name=new.name,
+                tags=new.tags,
+                owner=new.owner,
+                state=State.QUEUED,
+                submitted_at=now,
+            )
+            effects.append(
+                Created(run_id, new.spec, new.pool, new.priority, new.name, new.tags, new.owner, now)
+            )
+            self._enqueue(run)
+
+    def _enqueue(self, run: Run) -> None:
+        self.runs[run.id] = run
+        pool = self.pools.get(run.pool)
+        if pool is None:
+            # The pool was removed from the configuration while runs were queued
+            # in it: keep them (nothing acknowledged is dropped) in a pool with no
+            # workers until the pool is configured again.
+            pool = self.pools[run.pool] = PoolState(run.pool, 0, configured=False)
+        heapq.heappush(pool.heap, (-run.priority, run.id))
+        pool.queued += 1
+
+    def _finished(self, results: Iterable[Result], effects: list[Effect]) -> None:
+        runs = self.runs
+        for result in results:
+            key = (result.run_id, result.attempt)
+            if key in self._held:
+                # A cancelled callable finally returned: its slot is free again.
+                self._held.discard(key)
+                self._pool_of_held(result.run_id).held -= 1
+                continue
+            run = runs.get(result.run_id)
+            if run is None or run.state is not State.RUNNING or run.attempts != result.attempt:
+                continue  # stale report (cannot happen unless an executor misbehaves)
+            if run.cancel_requested:
+                state = State.CANCELLED
+                reason: str | None = "cancelled while running"
+                if result.outcome is not Outcome.SUCCEEDED:
+                    result = _with_outcome(result, Outcome.CANCELLED)
+            elif result.outcome is Outcome.SUCCEEDED:
+                state, reason = State.SUCCEEDED, None
+            else:
+                state, reason = State.FAILED, result.error
+            run.state = state
+            self.pools[run.pool].running -= 1
+            del runs[run.id]
+            effects.append(Ended(result, state, reason))
+
+    def _pool_of_held(self, run_id: int) -> PoolState:
+        return self.pools[self._held_pools.pop(run_id)]
+
+    def _cancel(self, run_ids: Iterable[int], now: float, effects: list[Effect]) -> None:
+        """Cancel runs. ``cancel_results`` maps each id to what happened:
+        ``cancelled`` (done now), ``cancelling`` (a process is being stopped) or
+        ``unknown`` (not active: terminal or never existed; the daemon asks the
+        journal which)."""
+        results: dict[int, str] = {}
+        for run_id in run_ids:
+            run = self.runs.get(run_id)
+            if run is None:
+                results[run_id] = "unknown"
+            elif run.state is State.QUEUED:
+                run.state = State.CANCELLED
+                self.pools[run.pool].queued -= 1
+                del self.runs[run_id]
+                effects.append(StateChanged(run_id, State.CANCELLED, now, "cancelled while queued"))
+                results[run_id] = "cancelled"
+            elif run.state is State.RUNNING and run.spec.kind is Kind.CALL:
+                # A thread cannot be interrupted: end the run now, hold the slot
+                # until the call returns.
+                run.state = State.CANCELLED
+                pool = self.pools[run.pool]
+                pool.running -= 1
+                pool.held += 1
+                self._held.add((run_id, run.attempts))
+                self._held_pools[run_id] = run.pool
+                del self.runs[run_id]
+                result = Result(run_id, run.attempts, Outcome.CANCELLED, now,
+                                error="cancelled while running; the call was left to return")
+                effects.append(Ended(result, State.CANCELLED, "cancelled while running"))
+                results[run_id] = "cancelled"
+            elif run.state is State.RUNNING:
+                if not run.cancel_requested:
+                    run.cancel_requested = True
+                    effects.append(Kill(run_id, run.attempts))
+                results[run_id] = "cancelling"
+            else:  # pragma: no cover - no other active states exist yet
+                results[run_id] = "unknown"
+        self.cancel_results = results
+
+    def _recover(
+        self, runs: Iterable[Run], next_id: int, now: float, effects: list[Effect]
+    ) -> None:
+        self.next_id = max(self.next_id, next_id)
+        for run in runs:
+            if run.state is State.RUNNING:
+                # Interrupted by a crash: close the attempt as lost, kill what is
+                # left of it, then re-queue (at-least-once) or give up.
+                lost = Result(run.id, run.attempts, Outcome.LOST, now,
+                              error="the daemon stopped while this attempt ran")
+                effects.append(KillLeftovers(run.id, run.attempts))
+                if run.lost >= MAX_LOST_REQUEUES:
+                    reason = f"attempt {run.attempts} lost; already re-queued {run.lost}x"
+                    effects.append(Ended(lost, State.FAILED, reason))
+                    continue
+                effects.append(Ended(lost, None))
+                run.lost += 1
+                run.state = State.QUEUED
+                effects.append(StateChanged(run.id, State.QUEUED, now,
+                                            f"re-queued after attempt {run.attempts} was lost",
+                                            lost=run.lost))
+            if run.state is State.QUEUED:
+                self._enqueue(run)
+
+    def _dispatch(self, now: float, effects: list[Effect]) -> None:
+        if self.draining:
+            return
+        for pool in self.pools.values():
+            heap = pool.heap
+            while heap and pool.busy < pool.workers:
+                _, run_id = heapq.heappop(heap)
+                run = self.runs.get(run_id)
+                if run is None or run.state is not State.QUEUED:
+                    continue  # lazily deleted (cancelled while queued)
+                pool.queued -= 1
+                pool.running += 1
+                run.state = State.RUNNING
+                run.attempts += 1
+                effects.append(Started(run_id, run.attempts, now, run.pool, run.spec))
+            if not heap and pool.queued:  # pragma: no cover - invariant guard
+                raise AssertionError(f"pool {pool.name}: queued count out of step with heap")
+
+    # -- inspection -------------------------------------------------------
+
+    def statistics(self) -> list[PoolStatistics]:
+        return [
+            PoolStatistics(p.name, p.workers, p.configured, p.queued, p.running, p.held)
+            for p in self.pools.values()
+        ]
+
+
+def _with_outcome(result: Result, outcome: Outcome) -> Result:
+    return Result(result.run_id, result.attempt, outcome, result.ended_at,
+                  result.exit_code, result.error, result.output)

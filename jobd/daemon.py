@@ -1,0 +1,432 @@
+"""The composition root: wiring, signals, lifetime.
+
+Start-up: lock the state directory, open (and migrate) the journal, bind the
+socket, rebuild the heaps from the journal (runs found running were
+interrupted: their leftovers are killed and they are re-queued), then serve.
+
+Shutdown (SIGTERM/SIGINT): stop accepting work and starting runs, give running
+attempts ``shutdown_grace`` to finish, then stop their process groups (TERM,
+then KILL after ``kill_grace``) without journaling their end, so the next
+start recovers them like any interrupted attempt. Exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from jobd import __version__
+from jobd import executor as executor_mod
+from jobd.config import DEFAULT_CONFIG, Config, dev_config, load_config
+from jobd.core.effects import Effect, Ended, Kill, KillLeftovers, Started, StateChanged
+from jobd.core.model import Kind, NewRun, Result, Spec, State
+from jobd.core.scheduler import Cancel, Finished, ProcessStarted, Recover, Scheduler, Submit
+from jobd.errors import JobdError, ProtocolError
+from jobd.executor import Executor, Handback
+from jobd.journal import AuditEntry, GroupCommitter, Journal, StateDirLock
+from jobd.protocol import ErrorCode
+from jobd.server import Server
+
+log = logging.getLogger("jobd")
+
+LOG_CHUNK = 65536  # bytes of captured output per logs event
+FOLLOW_POLL = 0.25  # seconds between reads of a growing output file (only while followed)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    remaining: set[int]
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.stopping = False
+        self._discard_results = False
+        self._waiters: dict[int, list[_Waiter]] = {}
+        self.scheduler = Scheduler({p.name: p.workers for p in config.pools.values()})
+        self.server = Server(config, self)
+        # Set up in run():
+        self.journal: Journal
+        self.writer: GroupCommitter
+        self.executor: Executor
+
+    # -- lifetime -----------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        _make_dirs(config)
+        lock = StateDirLock(config.state_dir)
+        try:
+            self.journal = Journal(str(config.journal_path), config.synchronous)
+            try:
+                await self._serve(task_status)
+            finally:
+                self.journal.close()
+        finally:
+            with contextlib.suppress(OSError):
+                config.socket.unlink()
+            lock.release()
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
+        config = self.config
+        listener = await self.server.open_socket()
+        self.writer = GroupCommitter(self.journal, self._after_commit)
+        self.executor = Executor(config.pools, config.log_dir, self.journal.instance,
+                                 self._on_handback, config.kill_grace)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.writer.run)
+            await nursery.start(self.executor.run)
+            runs, next_id = await trio.to_thread.run_sync(self.journal.load_active)
+            recovered = sum(r.state is State.RUNNING for r in runs)
+            self.writer.add(self.scheduler.handle(Recover(tuple(runs), next_id), time.time()))
+            await self.writer.flush()
+            if recovered:
+                log.warning("recovered %d interrupted run(s) from the journal", recovered)
+            async with trio.open_nursery() as serving:
+                await serving.start(self.server.serve, listener)
+                if config.demo and next_id == 1:
+                    await self._submit_demo_runs()
+                self._print_banner(len(runs))
+                _notify_ready()
+                task_status.started()
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("received %s: shutting down", signal.Signals(signum).name)
+                        break
+                serving.cancel_scope.cancel()  # stop accepting connections and requests
+            await self._shutdown()
+            self.writer.close()
+            await self.writer.flush()
+            nursery.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        self.stopping = True
+        self.scheduler.draining = True
+        with trio.move_on_after(self.config.shutdown_grace):
+            while self._running_count():
+                await trio.sleep(0.05)
+        running = self._running_count()
+        if running:
+            # Leave them to be recovered at the next start, like a crash would.
+            self._discard_results = True
+            log.warning("%d run(s) still running after %.0fs: stopping them; they will be"
+                        " re-queued at the next start", running, self.config.shutdown_grace)
+            self.executor.kill_all(signal.SIGTERM)
+            with trio.move_on_after(self.config.kill_grace):
+                while self.executor.running_processes:
+                    await trio.sleep(0.05)
+            self.executor.kill_all(signal.SIGKILL)
+        log.info("jobd stopped")
+
+    def _running_count(self) -> int:
+        return sum(p.running for p in self.scheduler.pools.values())
+
+    def _print_banner(self, active: int) -> None:
+        c = self.config
+        pools = ", ".join(f"{p.name} ({p.kind}, {p.workers} workers)" for p in c.pools.values())
+        lines = [
+            f"jobd {__version__} (pid {os.getpid()}) ready; {active} active run(s) in the journal",
+            f"  config:  {c.source}",
+            f"  socket:  {c.socket}",
+            f"  journal: {c.journal_path} (synchronous={c.synchronous})",
+            f"  logs:    {c.log_dir}",
+            f"  pools:   {pools}",
+        ]
+        if c.demo:
+            lines.append(f"  try:     JOBD_SOCKET={c.socket} jobctl submit -- echo hi")
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+    async def _submit_demo_runs(self) -> None:
+        demo = [
+            NewRun(Spec(Kind.COMMAND, command=("echo", "hello from jobd")), name="demo-echo",
+                   tags=("demo",)),
+            NewRun(Spec(Kind.SHELL, shell="uname -sr; date; echo \"run $JOBD_RUN_ID\""),
+                   name="demo-shell", tags=("demo",)),
+            NewRun(Spec(Kind.CALL, call="jobd.demo:fib", args=(30,)), pool="python",
+                   name="demo-fib", tags=("demo",)),
+        ]
+        runnable = [r for r in demo if r.pool in self.config.pools]
+        if runnable:
+            await self.submit(runnable, os.getuid(), os.getpid())
+
+    # -- the hot path -------------------------------------------------------
+
+    def _on_handback(self, items: list[Handback]) -> None:
+        """Executor results, delivered in batches on the event loop."""
+        if self._discard_results:
+            return
+        now = time.time()
+        handle = self.scheduler.handle
+        effects: list[Effect] = []
+        results: list[Result] = []
+        for item in items:
+            if isinstance(item, ProcessStarted):
+                effects += handle(item, now)
+            else:
+                results.append(item)
+        if results:
+            effects += handle(Finished(tuple(results)), now)
+        if effects:
+            self.writer.add(effects)
+
+    def _after_commit(self, effects: list[Effect]) -> None:
+        """Carry out the actions of a committed batch, then wake whoever waits on it."""
+        leftovers: list[tuple[int, int]] = []
+        waiters = self._waiters
+        start = self.executor.start
+        for effect in effects:
+            if type(effect) is Started:
+                if not self._discard_results:
+                    start(effect)
+            elif type(effect) is Ended:
+                if waiters and effect.state is not None and effect.state.terminal:
+                    self._notify(effect.result.run_id)
+            elif type(effect) is StateChanged:
+                if waiters and effect.state.terminal:
+                    self._notify(effect.run_id)
+            elif type(effect) is Kill:
+                self.executor.kill(effect.run_id, effect.attempt)
+            elif type(effect) is KillLeftovers:
+                leftovers.append((effect.run_id, effect.attempt))
+        if leftovers:
+            # Recovery emits these before any Started; the executor queues starts
+            # and its threads take a moment, but kill synchronously here anyway
+            # so no leftover can overlap its retry.
+            killed = executor_mod.kill_leftovers(self.journal.instance, leftovers)
+            if killed:
+                log.warning("killed %d leftover process group(s) of lost attempts",
+                            len(killed))
+
+    def _notify(self, run_id: int) -> None:
+        for waiter in self._waiters.pop(run_id, ()):
+            waiter.remaining.discard(run_id)
+            if not waiter.remaining:
+                waiter.done.set()
+
+    # -- requests (called by the server) --------------------------------------
+
+    def _check_accepting(self) -> None:
+        if self.stopping:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down",
+                                hint="retry once it is back")
+        if not self.writer.healthy:
+            raise ProtocolError(ErrorCode.UNAVAILABLE,
+                                f"the journal cannot commit: {self.writer.last_error}",
+                                hint="nothing was accepted; free disk space or fix the state"
+                                     " directory, jobd retries by itself")
+
+    async def submit(self, new_runs: Iterable[NewRun], uid: int, pid: int | None) -> list[int]:
+        """Create runs; return their ids once the journal has them."""
+        self._check_accepting()
+        now = time.time()
+        owned = tuple(
+            r if r.owner == uid else NewRun(r.spec, r.pool, r.priority, r.name, r.tags, uid)
+            for r in new_runs
+        )
+        effects = self.scheduler.handle(Submit(owned), now)
+        ids = [e.run_id for e in effects[: len(owned)]]  # Created effects come first, in order
+        detail = {"runs": len(ids), "first": ids[0], "last": ids[-1]}
+        batch = self.writer.add(effects, AuditEntry(now, uid, pid, "submit", detail))
+        await batch.committed.wait()
+        return ids
+
+    async def cancel(self, ids: list[int], uid: int, pid: int | None,
+                     *, admin: bool) -> dict[int, str]:
+        self._check_accepting()
+        results: dict[int, str] = {}
+        allowed: list[int] = []
+        for run_id in ids:
+            run = self.scheduler.runs.get(run_id)
+            if run is not None and not admin and run.owner != uid:
+                results[run_id] = "forbidden"
+            elif run is not None:
+                allowed.append(run_id)
+        effects = self.scheduler.handle(Cancel(tuple(allowed)), time.time())
+        results.update(self.scheduler.cancel_results)
+        unknown = [i for i in ids if i not in results or results[i] == "unknown"]
+        if unknown:
+            known = await trio.to_thread.run_sync(self.journal.run_summaries, unknown)
+            for run_id in unknown:
+                summary = known.get(run_id)
+                results[run_id] = f"already_{summary['state']}" if summary else "not_found"
+        done = [i for i, r in results.items() if r in ("cancelled", "cancelling")]
+        audit = AuditEntry(time.time(), uid, pid, "cancel", {"runs": done}) if done else None
+        batch = self.writer.add(effects, audit)
+        await batch.committed.wait()
+        return {i: results[i] for i in ids}
+
+    async def wait(self, ids: list[int], timeout: float | None
+                   ) -> tuple[dict[int, dict[str, Any]], bool]:
+        """Wait until every run is terminal; returns (summaries, timed_out)."""
+        # Register before reading the journal, so that a commit landing in
+        # between still reaches this waiter.
+        waiter = _Waiter(set(ids))
+        for run_id in ids:
+            self._waiters.setdefault(run_id, []).append(waiter)
+        try:
+            summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
+            for run_id in ids:
+                summary = summaries.get(run_id)
+                if summary is None or State(summary["state"]).terminal:
+                    waiter.remaining.discard(run_id)
+            timed_out = False
+            if waiter.remaining:
+                with trio.move_on_after(timeout if timeout is not None else float("inf")):
+                    await waiter.done.wait()
+                timed_out = bool(waiter.remaining)
+                summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
+            return summaries, timed_out
+        finally:
+            for run_id in waiter.remaining:
+                lst = self._waiters.get(run_id)
+                if lst is not None:
+                    with contextlib.suppress(ValueError):
+                        lst.remove(waiter)
+                    if not lst:
+                        del self._waiters[run_id]
+
+    async def stream_logs(self, run_id: int, attempt: int | None, follow: bool,
+                          emit: Callable[[str], Awaitable[None]]) -> dict[str, Any]:
+        run = await trio.to_thread.run_sync(self.journal.get_run, run_id)
+        if run is None:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no run with id {run_id}")
+        offset = 0
+        chosen = attempt
+        while True:
+            attempts = run["attempt_list"]
+            if chosen is None and attempts:
+                chosen = attempts[-1]["attempt"]
+            if attempt is not None and attempt > max((a["attempt"] for a in attempts), default=0) \
+                    and State(run["state"]).terminal:
+                raise ProtocolError(ErrorCode.NOT_FOUND,
+                                    f"run {run_id} has no attempt {attempt}")
+            path = _output_path(self.config.log_dir, run_id, chosen) if chosen else None
+            if path is not None:
+                data, offset = await trio.to_thread.run_sync(_read_from, path, offset)
+                for start in range(0, len(data), LOG_CHUNK):
+                    await emit(data[start:start + LOG_CHUNK].decode(errors="replace"))
+            terminal = State(run["state"]).terminal
+            if not follow or terminal:
+                if terminal and path is not None:
+                    data, offset = await trio.to_thread.run_sync(_read_from, path, offset)
+                    if data:
+                        await emit(data.decode(errors="replace"))
+                return {"id": run_id, "attempt": chosen, "state": run["state"]}
+            waiter = _Waiter({run_id})
+            self._waiters.setdefault(run_id, []).append(waiter)
+            try:
+                with trio.move_on_after(FOLLOW_POLL):
+                    await waiter.done.wait()
+            finally:
+                lst = self._waiters.get(run_id, [])
+                if waiter in lst:
+                    lst.remove(waiter)
+                    if not lst:
+                        self._waiters.pop(run_id, None)
+            run = await trio.to_thread.run_sync(self.journal.get_run, run_id)
+            assert run is not None
+
+    async def stats(self) -> dict[str, Any]:
+        states = await trio.to_thread.run_sync(self.journal.count_by_state)
+        c = self.config
+        kinds = {p.name: p.kind for p in c.pools.values()}
+        w = self.writer.statistics()
+        return {
+            "daemon": {
+                "version": __version__, "pid": os.getpid(), "uid": os.getuid(),
+                "started_at": self.started_at, "socket": str(c.socket),
+                "journal": str(c.journal_path), "log_dir": str(c.log_dir),
+                "synchronous": c.synchronous, "healthy": w.healthy,
+                "last_error": w.last_error, "stopping": self.stopping,
+            },
+            "pools": [
+                {"name": p.name, "kind": kinds.get(p.name, "unconfigured"), "workers": p.workers,
+                 "queued": p.queued, "running": p.running, "held": p.held,
+                 "configured": p.configured}
+                for p in self.scheduler.statistics()
+            ],
+            "states": states,
+            "journal": {"commits": w.commits, "effects": w.effects,
+                        "largest_batch": w.largest_batch, "failed_commits": w.failed_commits},
+        }
+
+
+def _output_path(log_dir: Path, run_id: int, attempt: int) -> Path:
+    return log_dir / f"{run_id // executor_mod.LOG_SHARD:05d}" / f"{run_id}.{attempt}.log"
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return b"", offset
+    return data, offset + len(data)
+
+
+def _make_dirs(config: Config) -> None:
+    for path, mode in ((config.state_dir, 0o750), (config.log_dir, 0o750)):
+        try:
+            path.mkdir(parents=True, exist_ok=True, mode=mode)
+        except OSError as exc:
+            raise JobdError(f"cannot create {path}: {exc.strerror}",
+                            hint="create it with the right owner, or point the configuration"
+                                 " elsewhere (--dev uses ./.jobd)") from exc
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise JobdError(f"{path} is not writable by uid {os.getuid()}",
+                            hint="fix its owner/permissions, or choose another directory")
+
+
+def _notify_ready() -> None:
+    """sd_notify READY=1 when run by systemd with Type=notify (issue 5 extends this)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    import socket
+
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(b"READY=1", address)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="jobd", description="the jobd scheduler daemon")
+    parser.add_argument("--config", type=Path, help=f"configuration file (default {DEFAULT_CONFIG})")
+    parser.add_argument("--dev", action="store_true",
+                        help="use the built-in development configuration (state in ./.jobd)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"jobd {__version__}")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.dev and args.config:
+            parser.error("--dev and --config exclude each other")
+        config = dev_config() if args.dev else load_config(args.config or Path(DEFAULT_CONFIG))
+        trio.run(Daemon(config).run)
+    except JobdError as exc:
+        print(f"jobd: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

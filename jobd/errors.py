@@ -1,0 +1,82 @@
+"""The error tree. Every error an operator can see says what to do next (``hint``).
+
+::
+
+    JobdError                    base; carries ``hint``
+    ├── ConfigError              invalid configuration (file, key, what was expected)
+    ├── JournalError             the journal cannot be opened, read or committed
+    │   ├── JournalLockedError   another daemon holds the state directory (names its pid)
+    │   └── JournalVersionError  the journal was written by a newer jobd
+    ├── ProtocolError            a message broke the wire protocol; carries a stable ``code``
+    │   └── RequestError         a well-formed request that cannot be served (not_found, …)
+    └── ClientError              raised by jobd.client
+        ├── DaemonNotRunning     nothing listens on the socket
+        └── RemoteError          the daemon answered with an error (``code``, ``message``)
+
+Run outcomes (a command exiting 1, a callable raising) are *not* errors: they
+are data on the attempt (STYLE.md: outcomes are data).
+"""
+
+from __future__ import annotations
+
+
+class JobdError(Exception):
+    """Base of every error jobd raises on purpose."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message}\n  hint: {self.hint}"
+        return self.message
+
+
+class ConfigError(JobdError):
+    """The configuration is invalid; ``problems`` lists every problem found."""
+
+    def __init__(self, problems: list[str], *, hint: str | None = None) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  " + "\n  ".join(problems), hint=hint)
+
+
+class JournalError(JobdError):
+    """The journal could not be opened, read or written."""
+
+
+class JournalLockedError(JournalError):
+    """Another live daemon holds the state directory."""
+
+
+class JournalVersionError(JournalError):
+    """The journal's schema is newer than this jobd understands."""
+
+
+class ProtocolError(JobdError):
+    """A protocol violation; ``code`` is one of protocol.ErrorCode."""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code
+
+
+class RequestError(ProtocolError):
+    """A valid request that cannot be served (unknown run, forbidden, …)."""
+
+
+class ClientError(JobdError):
+    """Raised by jobd.client."""
+
+
+class DaemonNotRunning(ClientError):
+    """Nothing is listening on the control socket."""
+
+
+class RemoteError(ClientError):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.code = code

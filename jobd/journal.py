@@ -1,0 +1,624 @@
+"""The journal: every SQL statement, the schema and its migrations, and group commit.
+
+Group commit
+------------
+One writer task owns the write connection. Callers append effects to the
+*pending batch* and await its ``committed`` event. The writer takes the whole
+pending batch, writes it in one transaction in a worker thread (so the event
+loop never blocks on fsync), then runs the post-commit hook (start runs, wake
+waiters) and wakes everyone. While one batch commits, the next accumulates:
+idle, one commit per request (lowest latency); loaded, thousands of
+mutations per commit (highest throughput).
+
+Effects are written in the order they were emitted. Consecutive effects of
+the same type are written with one ``executemany``: that keeps the order
+while giving SQLite its batched speed.
+
+If a commit fails (disk full, I/O error) the batch is kept and retried with
+backoff, and ``healthy`` turns false so the server refuses new work with a
+clear error instead of acknowledging what cannot be made durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import apsw
+import trio
+
+from jobd.core.effects import Created, Effect, Ended, PidRecorded, Started, StateChanged
+from jobd.core.model import ACTIVE, Run, Spec, State
+from jobd.errors import JournalError, JournalLockedError, JournalVersionError
+
+log = logging.getLogger("jobd.journal")
+
+SYNCHRONOUS = ("full", "normal")
+RETRY_BACKOFF_INITIAL = 0.1  # seconds before retrying a failed commit
+RETRY_BACKOFF_MAX = 5.0  # seconds, cap of the commit retry backoff
+
+# Forward migrations; the schema version is len(MIGRATIONS) (PRAGMA user_version).
+MIGRATIONS: list[str] = [
+    # 1: runs, attempts, audit.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE runs (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        name         TEXT,
+        pool         TEXT NOT NULL,
+        priority     INTEGER NOT NULL,
+        state        TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        spec         TEXT NOT NULL,       -- JSON: command/shell/call, args, env, cwd
+        tags         TEXT,                -- JSON array, NULL when empty
+        owner        INTEGER NOT NULL,    -- uid of the submitter
+        submitted_at REAL NOT NULL,       -- unix time
+        updated_at   REAL NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        lost         INTEGER NOT NULL DEFAULT 0,
+        exit_code    INTEGER,
+        reason       TEXT
+    );
+    CREATE INDEX runs_state ON runs (state, id);
+    CREATE INDEX runs_pool ON runs (pool, id);
+    CREATE INDEX runs_name ON runs (name, id) WHERE name IS NOT NULL;
+    CREATE TABLE attempts (
+        run_id     INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        attempt    INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at   REAL,
+        outcome    TEXT,                  -- NULL while running
+        exit_code  INTEGER,
+        error      TEXT,
+        output     TEXT,                  -- path of the captured output
+        pid        INTEGER,               -- process group of a command attempt
+        PRIMARY KEY (run_id, attempt)
+    ) WITHOUT ROWID;
+    CREATE TABLE audit (
+        id     INTEGER PRIMARY KEY,
+        at     REAL NOT NULL,
+        uid    INTEGER NOT NULL,
+        pid    INTEGER,
+        action TEXT NOT NULL,
+        detail TEXT NOT NULL              -- JSON
+    );
+    CREATE INDEX audit_at ON audit (at);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at: float
+    uid: int
+    pid: int | None
+    action: str
+    detail: dict[str, Any]
+
+
+def _translate(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: apsw.Error never leaves this module."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except apsw.Error as exc:
+                raise JournalError(f"{what}: {exc}", hint=_hint_for(exc)) from exc
+
+        inner.__name__ = fn.__name__
+        inner.__doc__ = fn.__doc__
+        return inner
+
+    return wrap
+
+
+def _hint_for(exc: apsw.Error) -> str:
+    if isinstance(exc, apsw.FullError):
+        return "the disk holding the journal is full: free space; jobd retries by itself"
+    if isinstance(exc, apsw.ReadOnlyError | apsw.CantOpenError | apsw.PermError):
+        return "check that the state directory exists and is writable by the daemon's user"
+    if isinstance(exc, apsw.CorruptError | apsw.NotADBError):
+        return "the journal file is damaged: restore it from a backup"
+    return "see the daemon log for details"
+
+
+class StateDirLock:
+    """An exclusive ``flock`` on ``<state_dir>/jobd.lock`` for the daemon's lifetime."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "jobd.lock"
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise JournalError(
+                f"cannot create the lock file {self.path}: {exc.strerror}",
+                hint="check that the state directory exists and is writable by the daemon's user",
+            ) from exc
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise JournalLockedError(
+                f"another jobd (pid {holder}) holds {state_dir}",
+                hint="stop that daemon first, or give this one another state directory",
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)
+
+
+class Journal:
+    """Synchronous access to the journal file; the group commit writer drives ``write``."""
+
+    def __init__(self, path: str, synchronous: str = "full") -> None:
+        if synchronous not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}")
+        self.path = path
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._readers: list[apsw.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._db = self._open_writer()
+        self.instance = self._meta("instance")
+        #: test hook: raise this instead of committing (simulates disk full)
+        self.fail_commits_with: apsw.Error | None = None
+
+    @_translate("cannot open the journal")
+    def _open_writer(self) -> apsw.Connection:
+        db = apsw.Connection(self.path)
+        db.setbusytimeout(5000)
+        mode = db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+        if self.path != ":memory:" and mode != "wal":
+            raise JournalError(f"{self.path}: could not switch to WAL mode (got {mode})")
+        db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+        db.execute("PRAGMA foreign_keys=ON")
+        self._migrate(db)
+        return db
+
+    def _migrate(self, db: apsw.Connection) -> None:
+        version = db.execute("PRAGMA user_version").fetchall()[0][0]
+        if version > SCHEMA_VERSION:
+            raise JournalVersionError(
+                f"{self.path} has schema version {version}; this jobd knows up to"
+                f" {SCHEMA_VERSION}",
+                hint="run the newer jobd that wrote it, or restore a backup made by this version",
+            )
+        for number in range(version, SCHEMA_VERSION):
+            with db:
+                db.execute(MIGRATIONS[number])
+                if number == 0:
+                    db.execute(
+                        "INSERT INTO meta VALUES ('instance', lower(hex(randomblob(8))))"
+                    )
+                db.execute(f"PRAGMA user_version={number + 1}")
+            log.info("journal %s migrated to schema version %d", self.path, number + 1)
+
+    def _meta(self, key: str) -> str:
+        rows = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchall()
+        return str(rows[0][0])
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchall()[0][0])
+
+    # -- writes (writer thread only) -------------------------------------
+
+    def write(self, effects: Sequence[Effect], audit: Sequence[AuditEntry] = ()) -> None:
+        """Write effects and audit entries in one transaction. Raises JournalError."""
+        db = self._db
+        try:
+            if self.fail_commits_with is not None:
+                raise self.fail_commits_with
+            with db:
+                for kind, group in groupby(effects, type):
+                    _writer_for(kind)(db, list(group))
+                if audit:
+                    db.executemany(
+                        "INSERT INTO audit (at, uid, pid, action, detail) VALUES (?,?,?,?,?)",
+                        [(a.at, a.uid, a.pid, a.action, json.dumps(a.detail)) for a in audit],
+                    )
+        except apsw.Error as exc:
+            raise JournalError(f"journal commit failed: {exc}", hint=_hint_for(exc)) from exc
+
+    # -- reads (any thread; each thread has its own connection) ------------
+
+    def _reader(self) -> apsw.Connection:
+        db: apsw.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
+            db.setbusytimeout(5000)
+            self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
+    @_translate("cannot read the journal")
+    def load_active(self) -> tuple[list[Run], int]:
+        """Every non-terminal run (for recovery) and the next free run id."""
+        db = self._db
+        states = tuple(s.value for s in ACTIVE)
+        marks = ",".join("?" * len(states))
+        rows = db.execute(
+            f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
+            f" attempts, lost FROM runs WHERE state IN ({marks}) ORDER BY id",
+            states,
+        ).fetchall()
+        runs = [
+            Run(
+                id=r[0],
+                spec=Spec.from_json(json.loads(r[1])),
+                pool=r[2],
+                priority=r[3],
+                name=r[4],
+                tags=tuple(json.loads(r[5])) if r[5] else (),
+                owner=r[6],
+                state=State(r[7]),
+                submitted_at=r[8],
+                attempts=r[9],
+                lost=r[10],
+            )
+            for r in rows
+        ]
+        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'").fetchall()
+        return runs, (seq[0][0] + 1 if seq else 1)
+
+    @_translate("cannot read the journal")
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        db = self._reader()
+        rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchall()
+        if not rows:
+            return None
+        run = _run_json(rows[0])
+        run["attempt_list"] = [
+            {
+                "attempt": a[0],
+                "started_at": a[1],
+                "ended_at": a[2],
+                "outcome": a[3],
+                "exit_code": a[4],
+                "error": a[5],
+                "output": a[6],
+                "pid": a[7],
+            }
+            for a in db.execute(
+                "SELECT attempt, started_at, ended_at, outcome, exit_code, error, output, pid"
+                " FROM attempts WHERE run_id = ? ORDER BY attempt",
+                (run_id,),
+            )
+        ]
+        return run
+
+    @_translate("cannot read the journal")
+    def list_runs(
+        self,
+        *,
+        states: Sequence[str] = (),
+        pool: str | None = None,
+        name: str | None = None,
+        tag: str | None = None,
+        owner: int | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Runs newest first; ``before`` is the cursor (a run id, exclusive)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if states:
+            where.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        if pool is not None:
+            where.append("pool = ?")
+            args.append(pool)
+        if name is not None:
+            where.append("name = ?")
+            args.append(name)
+        if tag is not None:
+            where.append("tags IS NOT NULL AND EXISTS (SELECT 1 FROM json_each(runs.tags)"
+                         " WHERE json_each.value = ?)")
+            args.append(tag)
+        if owner is not None:
+            where.append("owner = ?")
+            args.append(owner)
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        args.append(limit)
+        return [_run_json(r) for r in self._reader().execute(sql, args)]
+
+    @_translate("cannot read the journal")
+    def run_summaries(self, run_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """id → {state, exit_code, owner, attempts} for the given runs that exist."""
+        db = self._reader()
+        out = {}
+        for run_id in run_ids:
+            for row in db.execute(
+                "SELECT state, exit_code, owner, attempts, reason FROM runs WHERE id = ?",
+                (run_id,),
+            ):
+                out[run_id] = {
+                    "id": run_id,
+                    "state": row[0],
+                    "exit_code": row[1],
+                    "owner": row[2],
+                    "attempts": row[3],
+                    "reason": row[4],
+                }
+        return out
+
+    @_translate("cannot read the journal")
+    def count_by_state(self) -> dict[str, int]:
+        return dict(self._reader().execute("SELECT state, count(*) FROM runs GROUP BY state"))
+
+    @_translate("cannot read the journal")
+    def audit_entries(self, limit: int = 100) -> list[dict[str, Any]]:
+        return [
+            {"id": r[0], "at": r[1], "uid": r[2], "pid": r[3], "action": r[4],
+             "detail": json.loads(r[5])}
+            for r in self._reader().execute(
+                "SELECT id, at, uid, pid, action, detail FROM audit ORDER BY id DESC LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    @_translate("integrity check failed")
+    def integrity_check(self) -> str:
+        return "; ".join(str(r[0]) for r in self._db.execute("PRAGMA integrity_check"))
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for db in self._readers:
+                with contextlib.suppress(apsw.Error):
+                    db.close()
+            self._readers.clear()
+        with contextlib.suppress(apsw.Error):
+            self._db.close()
+
+
+_RUN_COLUMNS = (
+    "id, name, pool, priority, state, kind, spec, tags, owner, submitted_at, updated_at,"
+    " attempts, lost, exit_code, reason"
+)
+
+
+def _run_json(r: Sequence[Any]) -> dict[str, Any]:
+    spec = json.loads(r[6])
+    out: dict[str, Any] = {
+        "id": r[0],
+        "name": r[1],
+        "pool": r[2],
+        "priority": r[3],
+        "state": r[4],
+        "kind": r[5],
+        "tags": json.loads(r[7]) if r[7] else [],
+        "owner": r[8],
+        "submitted_at": r[9],
+        "updated_at": r[10],
+        "attempts": r[11],
+        "lost": r[12],
+        "exit_code": r[13],
+        "reason": r[14],
+    }
+    spec.pop("kind", None)
+    out.update(spec)
+    return out
+
+
+# -- effect writers: one executemany per run of same-type effects ----------
+
+
+def _write_created(db: apsw.Connection, effects: list[Created]) -> None:
+    db.executemany(
+        "INSERT INTO runs (id, name, pool, priority, state, kind, spec, tags, owner,"
+        " submitted_at, updated_at) VALUES (?,?,?,?,'queued',?,?,?,?,?,?)",
+        [
+            (
+                e.run_id,
+                e.name,
+                e.pool,
+                e.priority,
+                e.spec.kind.value,
+                _spec_json(e.spec),
+                json.dumps(e.tags) if e.tags else None,
+                e.owner,
+                e.submitted_at,
+                e.submitted_at,
+            )
+            for e in effects
+        ],
+    )
+
+
+def _spec_json(spec: Spec) -> str:
+    return json.dumps(spec.to_json(), separators=(",", ":"))
+
+
+def _write_started(db: apsw.Connection, effects: list[Started]) -> None:
+    db.executemany(
+        "INSERT INTO attempts (run_id, attempt, started_at) VALUES (?,?,?)",
+        [(e.run_id, e.attempt, e.at) for e in effects],
+    )
+    db.executemany(
+        "UPDATE runs SET state = 'running', attempts = ?, updated_at = ? WHERE id = ?",
+        [(e.attempt, e.at, e.run_id) for e in effects],
+    )
+
+
+def _write_ended(db: apsw.Connection, effects: list[Ended]) -> None:
+    db.executemany(
+        "UPDATE attempts SET ended_at = ?, outcome = ?, exit_code = ?, error = ?, output = ?"
+        " WHERE run_id = ? AND attempt = ?",
+        [
+            (r.ended_at, r.outcome.value, r.exit_code, r.error, r.output, r.run_id, r.attempt)
+            for r in (e.result for e in effects)
+        ],
+    )
+    db.executemany(
+        "UPDATE runs SET state = ?, exit_code = ?, reason = ?, updated_at = ? WHERE id = ?",
+        [
+            (e.state.value, e.result.exit_code, e.reason, e.result.ended_at, e.result.run_id)
+            for e in effects
+            if e.state is not None
+        ],
+    )
+
+
+def _write_state_changed(db: apsw.Connection, effects: list[StateChanged]) -> None:
+    db.executemany(
+        "UPDATE runs SET state = ?, reason = ?, updated_at = ?, lost = coalesce(?, lost)"
+        " WHERE id = ?",
+        [(e.state.value, e.reason, e.at, e.lost, e.run_id) for e in effects],
+    )
+
+
+def _write_pid(db: apsw.Connection, effects: list[PidRecorded]) -> None:
+    db.executemany(
+        "UPDATE attempts SET pid = ? WHERE run_id = ? AND attempt = ?",
+        [(e.pid, e.run_id, e.attempt) for e in effects],
+    )
+
+
+def _write_nothing(db: apsw.Connection, effects: list[Any]) -> None:
+    """Action-only effects (Kill, KillLeftovers) have no journal row."""
+
+
+_WRITERS: dict[type, Callable[[apsw.Connection, list[Any]], None]] = {
+    Created: _write_created,
+    Started: _write_started,
+    Ended: _write_ended,
+    StateChanged: _write_state_changed,
+    PidRecorded: _write_pid,
+}
+
+
+def _writer_for(kind: type) -> Callable[[apsw.Connection, list[Any]], None]:
+    return _WRITERS.get(kind, _write_nothing)
+
+
+# -- group commit ---------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything that will be committed together."""
+
+    effects: list[Effect] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
+    committed: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStatistics:
+    commits: int
+    effects: int
+    largest_batch: int
+    failed_commits: int
+    healthy: bool
+    last_error: str | None
+
+
+class GroupCommitter:
+    """The single writer task. ``add`` never blocks; await ``batch.committed``."""
+
+    def __init__(
+        self, journal: Journal, on_commit: Callable[[list[Effect]], None]
+    ) -> None:
+        self.journal = journal
+        self.on_commit = on_commit
+        self._pending = Batch()
+        self._wakeup = trio.Event()
+        self._closing = False
+        self.healthy = True
+        self.last_error: str | None = None
+        self._commits = self._effects = self._largest = self._failed = 0
+
+    def add(self, effects: Iterable[Effect], audit: AuditEntry | None = None) -> Batch:
+        batch = self._pending
+        batch.effects.extend(effects)
+        if audit is not None:
+            batch.audit.append(audit)
+        self._wakeup.set()
+        return batch
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            batch, self._pending = self._pending, Batch()
+            if not batch.effects and not batch.audit:
+                batch.committed.set()
+                if self._closing:
+                    return
+                continue
+            await self._commit(batch)
+            self.on_commit(batch.effects)
+            batch.committed.set()
+
+    async def _commit(self, batch: Batch) -> None:
+        delay = RETRY_BACKOFF_INITIAL
+        while True:
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.journal.write, batch.effects, batch.audit)
+            except JournalError as exc:
+                self._failed += 1
+                self.healthy = False
+                self.last_error = str(exc)
+                log.error("journal commit failed (retrying in %.1fs): %s", delay, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX)
+                continue
+            if not self.healthy:
+                log.warning("journal commits work again")
+            self.healthy = True
+            self.last_error = None
+            self._commits += 1
+            self._effects += len(batch.effects)
+            self._largest = max(self._largest, len(batch.effects))
+            return
+
+    async def flush(self) -> None:
+        """Commit everything added so far."""
+        batch = self._pending
+        self._wakeup.set()
+        await batch.committed.wait()
+
+    def close(self) -> None:
+        """Let ``run`` return once the pending batch is committed."""
+        self._closing = True
+        self._wakeup.set()
+
+    def statistics(self) -> WriterStatistics:
+        return WriterStatistics(
+            self._commits, self._effects, self._largest, self._failed, self.healthy,
+            self.last_error,
+        )
+
+
+@contextlib.contextmanager
+def open_journal(path: str, synchronous: str = "full") -> Iterator[Journal]:
+    journal = Journal(path, synchronous)
+    try:
+        yield journal
+    finally:
+        journal.close()

@@ -1,0 +1,265 @@
+"""The control protocol, shared by the server and every client.
+
+Newline-delimited JSON over a Unix stream socket (docs/protocol.md)::
+
+    → {"id": 1, "method": "submit", "params": {...}}
+    ← {"id": 1, "result": {...}}
+    ← {"id": 1, "error": {"code": "invalid_params", "message": "...", "hint": "..."}}
+    ← {"id": 1, "event": {...}}          streaming methods, before their result
+
+The first request on a connection must be ``hello``. This module holds the
+framing, the codec, the method table and the validation of submissions; it
+does no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from jobd.core.model import Kind, NewRun, Spec, priority_value
+from jobd.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_LINE = 4 * 1024 * 1024  # bytes per message line, both directions
+DEFAULT_MAX_BATCH = 10_000  # runs per submit request
+DEFAULT_LIST_LIMIT = 100  # runs per list page
+MAX_LIST_LIMIT = 1_000  # runs per list page, upper bound
+
+
+class ErrorCode(enum.StrEnum):
+    INVALID_JSON = "invalid_json"  # the line is not JSON (the connection is closed)
+    INVALID_REQUEST = "invalid_request"  # JSON, but not a request object
+    TOO_LARGE = "too_large"  # a line or batch over the limit
+    UNSUPPORTED_VERSION = "unsupported_version"
+    HELLO_REQUIRED = "hello_required"
+    UNKNOWN_METHOD = "unknown_method"
+    INVALID_PARAMS = "invalid_params"
+    NOT_FOUND = "not_found"
+    FORBIDDEN = "forbidden"
+    BUSY = "busy"  # too many requests in flight on this connection
+    SHUTTING_DOWN = "shutting_down"
+    UNAVAILABLE = "unavailable"  # the journal cannot commit (disk full, I/O error)
+    INTERNAL = "internal"
+
+
+class Role(enum.IntEnum):
+    """Access levels; each includes the ones below it."""
+
+    NONE = 0
+    READ = 1
+    SUBMIT = 2
+    ADMIN = 3
+
+
+# Every method and the role it needs. Later capabilities add rows here.
+METHODS: dict[str, Role] = {
+    "hello": Role.NONE,
+    "submit": Role.SUBMIT,
+    "get": Role.READ,
+    "list": Role.READ,
+    "cancel": Role.SUBMIT,  # submitters may cancel their own runs; admins any
+    "logs": Role.READ,
+    "wait": Role.READ,
+    "stats": Role.READ,
+}
+STREAMING = frozenset({"logs"})
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, refusing any line longer than ``max_line``."""
+
+    def __init__(self, max_line: int = DEFAULT_MAX_LINE) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        self._buf += data
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end < 0:
+                break
+            if end - start > self.max_line:
+                raise _too_large(self.max_line)
+            yield bytes(self._buf[start:end])
+            start = end + 1
+        del self._buf[:start]
+        if len(self._buf) > self.max_line:
+            raise _too_large(self.max_line)
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _too_large(limit: int) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.TOO_LARGE,
+        f"message line longer than {limit} bytes",
+        hint="split large batches into several submit requests",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int | str | None
+    method: str
+    params: dict[str, Any]
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode one request line or raise ProtocolError (``invalid_json``/``invalid_request``)."""
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
+    request_id = message.get("id")
+    if request_id is not None and (
+        isinstance(request_id, bool) or not isinstance(request_id, int | str)
+    ):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "'id' must be an integer or a string")
+    method = message.get("method")
+    if not isinstance(method, str):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "'method' must be a string")
+    params = message.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ProtocolError(ErrorCode.INVALID_REQUEST, "'params' must be a JSON object")
+    return Request(request_id, method, params)
+
+
+# -- parameter validation ---------------------------------------------------
+
+_CALL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_ENV_NAME_RE = re.compile(r"^[^=\0]+$")
+SPEC_FIELDS = frozenset(
+    {"command", "shell", "call", "args", "kwargs", "env", "cwd", "pool", "priority", "name", "tags"}
+)
+
+
+def invalid(message: str, hint: str | None = None) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID_PARAMS, message, hint=hint)
+
+
+def parse_submission(data: Any, where: str = "params") -> NewRun:
+    """Validate one submission object (owner is filled in by the server)."""
+    if not isinstance(data, dict):
+        raise invalid(f"{where}: a submission must be a JSON object")
+    unknown = set(data) - SPEC_FIELDS
+    if unknown:
+        raise invalid(
+            f"{where}: unknown field(s) {', '.join(sorted(unknown))}",
+            hint=f"accepted fields: {', '.join(sorted(SPEC_FIELDS))}",
+        )
+    kinds = [k for k in ("command", "shell", "call") if k in data]
+    if len(kinds) != 1:
+        raise invalid(f"{where}: give exactly one of 'command', 'shell' or 'call'")
+    kind = Kind(kinds[0])
+    command: tuple[str, ...] = ()
+    shell = call = ""
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+    if kind is Kind.COMMAND:
+        value = data["command"]
+        if not (isinstance(value, list) and value and all(isinstance(a, str) for a in value)):
+            raise invalid(f"{where}.command: must be a non-empty list of strings (argv)")
+        if any("\0" in a for a in value):
+            raise invalid(f"{where}.command: arguments cannot contain NUL bytes")
+        command = tuple(value)
+    elif kind is Kind.SHELL:
+        value = data["shell"]
+        if not isinstance(value, str) or not value.strip() or "\0" in value:
+            raise invalid(f"{where}.shell: must be a non-empty string")
+        shell = value
+    else:
+        value = data["call"]
+        if not isinstance(value, str) or not _CALL_RE.match(value):
+            raise invalid(
+                f"{where}.call: must look like 'package.module:function'",
+                hint="for example 'jobd.demo:add'",
+            )
+        call = value
+        raw_args = data.get("args", [])
+        if not isinstance(raw_args, list):
+            raise invalid(f"{where}.args: must be a JSON array")
+        raw_kwargs = data.get("kwargs", {})
+        if not isinstance(raw_kwargs, dict):
+            raise invalid(f"{where}.kwargs: must be a JSON object")
+        args, kwargs = tuple(raw_args), raw_kwargs
+    if kind is not Kind.CALL and ("args" in data or "kwargs" in data):
+        raise invalid(f"{where}: 'args' and 'kwargs' apply to 'call' submissions only")
+    env = data.get("env", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _ENV_NAME_RE.match(k) and "\0" not in v
+        for k, v in env.items()
+    ):
+        raise invalid(f"{where}.env: must map variable names (no '=') to strings")
+    cwd = data.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
+        raise invalid(f"{where}.cwd: must be an absolute path")
+    pool = data.get("pool", "default")
+    if not isinstance(pool, str) or not pool:
+        raise invalid(f"{where}.pool: must be a pool name")
+    try:
+        priority = priority_value(data.get("priority", 0))
+    except ValueError as exc:
+        raise invalid(f"{where}.priority: {exc}") from None
+    name = data.get("name")
+    if name is not None and (not isinstance(name, str) or not name or len(name) > 200):
+        raise invalid(f"{where}.name: must be a string of 1 to 200 characters")
+    tags = data.get("tags", [])
+    if not isinstance(tags, list) or not all(
+        isinstance(t, str) and t and len(t) <= 100 for t in tags
+    ):
+        raise invalid(f"{where}.tags: must be a list of short non-empty strings")
+    spec = Spec(kind, command, shell, call, args, kwargs, env, cwd)
+    return NewRun(spec, pool, priority, name, tuple(dict.fromkeys(tags)))
+
+
+def parse_submissions(params: dict[str, Any], max_batch: int) -> list[NewRun]:
+    """``{"runs": [...]}`` (a batch) or the fields of one submission."""
+    if "runs" in params:
+        batch = params["runs"]
+        if not isinstance(batch, list) or not batch:
+            raise invalid("'runs' must be a non-empty list of submissions")
+        if len(batch) > max_batch:
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f"a batch of {len(batch)} runs is over the limit of {max_batch}",
+                hint="send several smaller batches",
+            )
+        if len(params) > 1:
+            raise invalid("a batch submit takes only 'runs'")
+        return [parse_submission(item, f"runs[{i}]") for i, item in enumerate(batch)]
+    return [parse_submission(params)]
+
+
+def run_id_param(params: dict[str, Any], key: str = "id") -> int:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(f"'{key}' must be a positive integer run id")
+    return value
+
+
+def run_ids_param(params: dict[str, Any], key: str = "ids", limit: int = DEFAULT_MAX_BATCH) -> list[int]:
+    value = params.get(key)
+    if not isinstance(value, list) or not value:
+        raise invalid(f"'{key}' must be a non-empty list of run ids")
+    if len(value) > limit:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {limit} ids in one request")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise invalid(f"'{key}' must contain positive integer run ids, got {item!r}")
+    return list(dict.fromkeys(value))
