@@ -26,6 +26,12 @@ DEFAULT_KILL_GRACE = 5.0  # seconds between kill_signal (TERM) and SIGKILL
 DEFAULT_MAX_CONNECTIONS = 256  # simultaneous client connections
 DEFAULT_MAX_INFLIGHT = 64  # requests being served at once on one connection
 DEFAULT_WORKERS = 4  # slots of a pool that does not say
+# Runs handed to a pool beyond its free workers, so that a worker finishing one
+# run finds the next already journaled as started instead of waiting for a
+# commit. Thread pools run short calls where that wait dominates; process
+# pools default to none, so "running" means a process exists (or is spawning).
+DEFAULT_THREAD_PREFETCH = 64  # runs per worker thread
+DEFAULT_PROCESS_PREFETCH = 0  # runs per worker
 POOL_KINDS = ("process", "thread")
 SOCKET_PATH_MAX = 107  # bytes; sun_path is 108 including the NUL
 
@@ -54,6 +60,12 @@ class PoolConfig:
     name: str
     kind: str  # "process": commands and shell lines; "thread": Python callables
     workers: int
+    prefetch: int = 0  # runs handed to the pool ahead of free workers (see above)
+
+    @property
+    def capacity(self) -> int:
+        """Runs of this pool that may be in the running state at once."""
+        return self.workers + self.prefetch
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +221,18 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
         if not isinstance(table, dict):
             c.add(prefix, "expected a table")
             continue
-        _unknown(c, table, prefix, {"kind", "workers"})
+        _unknown(c, table, prefix, {"kind", "workers", "prefetch"})
         kind = table.get("kind", "process")
         if kind not in POOL_KINDS:
             c.add(f"{prefix}.kind", f"expected \"process\" (commands) or \"thread\""
                                     f" (Python callables), found {kind!r}")
             kind = "process"
-        pools[name] = PoolConfig(name, kind, _positive_int(c, table, prefix, "workers",
-                                                           DEFAULT_WORKERS))
-    pools.setdefault("default", PoolConfig("default", "process", DEFAULT_WORKERS))
+        workers = _positive_int(c, table, prefix, "workers", DEFAULT_WORKERS)
+        per_worker = DEFAULT_THREAD_PREFETCH if kind == "thread" else DEFAULT_PROCESS_PREFETCH
+        prefetch = _positive_int(c, table, prefix, "prefetch", per_worker * workers, minimum=0)
+        pools[name] = PoolConfig(name, kind, workers, prefetch)
+    pools.setdefault("default", PoolConfig("default", "process", DEFAULT_WORKERS,
+                                           DEFAULT_PROCESS_PREFETCH * DEFAULT_WORKERS))
 
     access = _table(c, data, "access")
     _unknown(c, access, "access", {"read", "submit", "admin"})

@@ -57,7 +57,7 @@ class Daemon:
         self.stopping = False
         self._discard_results = False
         self._waiters: dict[int, list[_Waiter]] = {}
-        self.scheduler = Scheduler({p.name: p.workers for p in config.pools.values()})
+        self.scheduler = Scheduler({p.name: p.capacity for p in config.pools.values()})
         self.server = Server(config, self)
         # Set up in run():
         self.journal: Journal

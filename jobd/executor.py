@@ -196,11 +196,20 @@ class Executor:
 
     def _call(self, item: Started) -> Result:
         spec = item.spec
+        key = (item.run_id, item.attempt)
+        if self._kill_requested:  # cheap check first: cancels are rare
+            with self._lock:
+                if key in self._kill_requested:
+                    self._kill_requested.discard(key)
+                    return Result(item.run_id, item.attempt, Outcome.CANCELLED, time.time(),
+                                  error="cancelled before a worker took it")
+        started = time.time()
         try:
             fn = self._functions.get(spec.call) or self._resolve(spec.call)
         except Exception as exc:
             return Result(item.run_id, item.attempt, Outcome.ERROR, time.time(),
-                          error=f"cannot import {spec.call}: {type(exc).__name__}: {exc}")
+                          error=f"cannot import {spec.call}: {type(exc).__name__}: {exc}",
+                          started_at=started)
         context._set(context.RunContext(item.run_id, item.attempt, item.pool))
         try:
             fn(*spec.args, **spec.kwargs)
@@ -209,10 +218,15 @@ class Executor:
             with contextlib.suppress(OSError):
                 output.write_text("".join(traceback.format_exception(exc)))
             return Result(item.run_id, item.attempt, Outcome.FAILED, time.time(),
-                          error=f"{type(exc).__name__}: {exc}", output=str(output))
+                          error=f"{type(exc).__name__}: {exc}", output=str(output),
+                          started_at=started)
         finally:
             context._set(None)
-        return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time())
+            if self._kill_requested:
+                with self._lock:
+                    self._kill_requested.discard(key)  # cancelled while it ran
+        return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time(),
+                      started_at=started)
 
     def _resolve(self, target: str) -> Callable[..., Any]:
         module_name, _, attr = target.partition(":")

@@ -465,10 +465,11 @@ def _write_started(db: apsw.Connection, effects: list[Started]) -> None:
 
 def _write_ended(db: apsw.Connection, effects: list[Ended]) -> None:
     db.executemany(
-        "UPDATE attempts SET ended_at = ?, outcome = ?, exit_code = ?, error = ?, output = ?"
-        " WHERE run_id = ? AND attempt = ?",
+        "UPDATE attempts SET ended_at = ?, outcome = ?, exit_code = ?, error = ?, output = ?,"
+        " started_at = coalesce(?, started_at) WHERE run_id = ? AND attempt = ?",
         [
-            (r.ended_at, r.outcome.value, r.exit_code, r.error, r.output, r.run_id, r.attempt)
+            (r.ended_at, r.outcome.value, r.exit_code, r.error, r.output, r.started_at,
+             r.run_id, r.attempt)
             for r in (e.result for e in effects)
         ],
     )

@@ -176,3 +176,4 @@ class Result:
     exit_code: int | None = None
     error: str | None = None
     output: str | None = None  # path of the captured output, if any
+    started_at: float | None = None  # when a worker really began (may be after Started.at)

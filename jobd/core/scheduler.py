@@ -102,7 +102,8 @@ class PoolStatistics:
 
 class Scheduler:
     def __init__(self, pools: Mapping[str, int]) -> None:
-        """``pools`` maps each configured pool name to its worker count."""
+        """``pools`` maps each configured pool name to its capacity: how many of its
+        runs may be running at once (the executor's workers plus its prefetch)."""
         self.pools: dict[str, PoolState] = {
             name: PoolState(name, workers) for name, workers in pools.items()
         }
@@ -224,6 +225,8 @@ class Scheduler:
                 result = Result(run_id, run.attempts, Outcome.CANCELLED, now,
                                 error="cancelled while running; the call was left to return")
                 effects.append(Ended(result, State.CANCELLED, "cancelled while running"))
+                # Lets the executor skip the call if no thread has taken it yet.
+                effects.append(Kill(run_id, run.attempts))
                 results[run_id] = "cancelled"
             elif run.state is State.RUNNING:
                 if not run.cancel_requested:
