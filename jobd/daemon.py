@@ -57,6 +57,7 @@ class Daemon:
         self.stopping = False
         self._discard_results = False
         self._waiters: dict[int, list[_Waiter]] = {}
+        self._grace_scope = trio.CancelScope()  # cut short by a second SIGTERM/SIGINT
         self.scheduler = Scheduler({p.name: p.capacity for p in config.pools.values()})
         self.server = Server(config, self)
         # Set up in run():
@@ -77,8 +78,9 @@ class Daemon:
             finally:
                 self.journal.close()
         finally:
-            with contextlib.suppress(OSError):
-                config.socket.unlink()
+            if self.server.bound:
+                with contextlib.suppress(OSError):
+                    config.socket.unlink()
             lock.release()
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
@@ -107,16 +109,27 @@ class Daemon:
                     async for signum in signals:
                         log.info("received %s: shutting down", signal.Signals(signum).name)
                         break
-                serving.cancel_scope.cancel()  # stop accepting connections and requests
-            await self._shutdown()
+                    self.server.stop_accepting()
+                    async with trio.open_nursery() as stopping:
+                        stopping.start_soon(self._hurry_on_second_signal, signals)
+                        await self._shutdown()
+                        stopping.cancel_scope.cancel()
+                serving.cancel_scope.cancel()  # close the connections still open
             self.writer.close()
             await self.writer.flush()
             nursery.cancel_scope.cancel()
 
+    async def _hurry_on_second_signal(self, signals: Any) -> None:
+        async for signum in signals:
+            log.warning("received %s again: stopping running attempts now",
+                        signal.Signals(signum).name)
+            self._grace_scope.cancel()
+
     async def _shutdown(self) -> None:
         self.stopping = True
         self.scheduler.draining = True
-        with trio.move_on_after(self.config.shutdown_grace):
+        with self._grace_scope:
+            self._grace_scope.deadline = trio.current_time() + self.config.shutdown_grace
             while self._running_count():
                 await trio.sleep(0.05)
         running = self._running_count()
@@ -185,7 +198,13 @@ class Daemon:
 
     def _after_commit(self, effects: list[Effect]) -> None:
         """Carry out the actions of a committed batch, then wake whoever waits on it."""
-        leftovers: list[tuple[int, int]] = []
+        leftovers = [(e.run_id, e.attempt) for e in effects if type(e) is KillLeftovers]
+        if leftovers:
+            # Before any start in this batch: a leftover must never overlap its retry.
+            killed = executor_mod.kill_leftovers(self.journal.instance, leftovers)
+            if killed:
+                log.warning("killed %d leftover process group(s) of lost attempts",
+                            len(killed))
         waiters = self._waiters
         start = self.executor.start
         for effect in effects:
@@ -200,16 +219,6 @@ class Daemon:
                     self._notify(effect.run_id)
             elif type(effect) is Kill:
                 self.executor.kill(effect.run_id, effect.attempt)
-            elif type(effect) is KillLeftovers:
-                leftovers.append((effect.run_id, effect.attempt))
-        if leftovers:
-            # Recovery emits these before any Started; the executor queues starts
-            # and its threads take a moment, but kill synchronously here anyway
-            # so no leftover can overlap its retry.
-            killed = executor_mod.kill_leftovers(self.journal.instance, leftovers)
-            if killed:
-                log.warning("killed %d leftover process group(s) of lost attempts",
-                            len(killed))
 
     def _notify(self, run_id: int) -> None:
         for waiter in self._waiters.pop(run_id, ()):

@@ -313,7 +313,8 @@ def kill_leftovers(instance: str, attempts: Iterable[tuple[int, int]]) -> list[i
     group of every such process is killed, so members that cleared their
     environment die with it.
     """
-    wanted = {str(run_id) for run_id, _ in attempts}
+    wanted = {(b"JOBD_RUN_ID=%d" % run_id, b"JOBD_ATTEMPT=%d" % attempt)
+              for run_id, attempt in attempts}
     if not wanted:
         return []
     marker = f"JOBD_INSTANCE={instance}".encode()
@@ -323,12 +324,8 @@ def kill_leftovers(instance: str, attempts: Iterable[tuple[int, int]]) -> list[i
             continue
         try:
             with open(f"/proc/{entry.name}/environ", "rb") as f:
-                environ = f.read().split(b"\0")
-            if marker not in environ:
-                continue
-            run_ids = [v[len(b"JOBD_RUN_ID="):].decode() for v in environ
-                       if v.startswith(b"JOBD_RUN_ID=")]
-            if run_ids and run_ids[0] in wanted:
+                environ = set(f.read().split(b"\0"))
+            if marker in environ and any(r in environ and t in environ for r, t in wanted):
                 groups.add(os.getpgid(int(entry.name)))
         except (OSError, ValueError):
             continue

@@ -127,6 +127,8 @@ class Server:
         self.access = Access(config.access)
         self.connections = 0
         self.accepting = True
+        self._accept_scope = trio.CancelScope()
+        self.bound = False  # whether the socket file is ours to remove
 
     # -- the socket ---------------------------------------------------------
 
@@ -145,6 +147,7 @@ class Server:
         old_umask = os.umask(0o177)  # never more open than 0600, not even for an instant
         try:
             await sock.bind(str(path))
+            self.bound = True
         except OSError as exc:
             sock.close()
             raise JobdError(f"cannot bind the control socket {path}: {exc.strerror}",
@@ -162,10 +165,17 @@ class Server:
 
     async def serve(self, listener: trio.SocketListener,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            await trio.serve_listeners(self._serve_connection, [listener],
-                                       handler_nursery=nursery)
+        """Accept connections until ``stop_accepting``; serve the open ones until cancelled."""
+        async with trio.open_nursery() as handlers:
+            with self._accept_scope:
+                task_status.started()
+                await trio.serve_listeners(self._serve_connection, [listener],
+                                           handler_nursery=handlers)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; connections already open are still served."""
+        self.accepting = False
+        self._accept_scope.cancel()
 
     # -- one connection -----------------------------------------------------
 
@@ -217,7 +227,7 @@ class Server:
                     if exc.code == ErrorCode.INVALID_JSON:
                         return  # garbage: the stream cannot be trusted any more
                     continue
-                if not conn.hello:
+                if not conn.hello or request.method == "hello":  # hello has no handler
                     await self._hello(conn, request)
                     continue
                 if conn.inflight >= self.config.max_inflight:

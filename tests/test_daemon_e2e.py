@@ -1,0 +1,274 @@
+"""A real daemon process: run lifecycle, ordering, cancel, crash recovery, shutdown."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import apsw
+import pytest
+
+from tests.conftest import JOBD, DaemonProcess, Raw, pid_alive, wait_for
+
+
+def wait_all(conn: Raw, ids: list[int], timeout: float = 60) -> dict[int, dict]:
+    result = conn.result("wait", {"ids": ids, "timeout": timeout})
+    assert not result["timed_out"], result
+    return {r["id"]: r for r in result["runs"]}
+
+
+def blocker(path: Path) -> list[str]:
+    """A command that runs until ``path`` exists (no timing assumptions)."""
+    return ["sh", "-c", f'while [ ! -e "{path}" ]; do sleep 0.02; done']
+
+
+def test_command_succeeds_with_captured_output(daemon: DaemonProcess) -> None:
+    c = daemon.raw()
+    run_id = c.result("submit", {"command": ["echo", "hi"]})["id"]
+    runs = wait_all(c, [run_id])
+    assert runs[run_id]["state"] == "succeeded"
+    assert runs[run_id]["exit_code"] == 0
+    c.send("logs", {"id": run_id})
+    event = c.read()
+    assert event is not None and event["event"] == {"data": "hi\n"}
+    final = c.read()
+    assert final is not None and final["result"]["state"] == "succeeded"
+    listed = c.result("list", {"state": "succeeded"})["runs"]
+    assert [r["id"] for r in listed] == [run_id]
+
+
+def test_attempt_environment_and_exit_codes(daemon: DaemonProcess) -> None:
+    c = daemon.raw()
+    ok = c.result("submit", {"shell": 'echo "$JOBD_RUN_ID/$JOBD_ATTEMPT/$GREETING"',
+                             "env": {"GREETING": "hello"}, "cwd": "/tmp"})["id"]
+    bad = c.result("submit", {"shell": "echo oops >&2; exit 3"})["id"]
+    missing = c.result("submit", {"command": ["/nonexistent/binary"]})["id"]
+    runs = wait_all(c, [ok, bad, missing])
+    assert runs[ok]["state"] == "succeeded"
+    assert runs[bad]["state"] == "failed" and runs[bad]["exit_code"] == 3
+    assert runs[missing]["state"] == "failed" and runs[missing]["exit_code"] == 127
+    assert "cannot start" in c.result("get", {"id": missing})["reason"]
+    c.send("logs", {"id": ok})
+    assert c.read()["event"]["data"] == f"{ok}/1/hello\n"  # type: ignore[index]
+
+
+def test_callables_run_in_thread_pool_with_context(daemon: DaemonProcess) -> None:
+    c = daemon.raw()
+    good = c.result("submit", {"call": "jobd.demo:whoami", "pool": "python"})["id"]
+    failing = c.result("submit", {"call": "jobd.demo:fail", "pool": "python",
+                                  "kwargs": {"message": "boom"}})["id"]
+    unimportable = c.result("submit", {"call": "no.such.module:fn", "pool": "python"})["id"]
+    runs = wait_all(c, [good, failing, unimportable])
+    assert runs[good]["state"] == "succeeded"
+    assert runs[failing]["state"] == "failed"
+    assert runs[failing]["reason"] == "RuntimeError: boom"
+    assert runs[unimportable]["state"] == "failed"
+    assert "cannot import" in runs[unimportable]["reason"]
+    c.send("logs", {"id": failing})
+    assert "RuntimeError: boom" in c.read()["event"]["data"]  # type: ignore[index]
+
+
+def test_priority_order_within_a_pool(daemon_factory: type[DaemonProcess],
+                                      workdir: Path) -> None:
+    d = daemon_factory("[pools.single]\nkind = \"process\"\nworkers = 1\n")
+    d.start()
+    c = d.raw()
+    go, order = workdir / "go", workdir / "order"
+    first = c.result("submit", {"command": blocker(go), "pool": "single"})["id"]
+    wait_for(lambda: c.result("get", {"id": first})["state"] == "running", "blocker to run")
+    ids = []
+    for label, priority in [("low1", "low"), ("normal1", "normal"), ("crit", "critical"),
+                            ("low2", "low"), ("high", 100), ("normal2", 0)]:
+        ids.append(c.result("submit", {"shell": f"echo {label} >> {order}", "pool": "single",
+                                       "priority": priority})["id"])
+    go.touch()
+    runs = wait_all(c, [first, *ids])
+    assert all(r["state"] == "succeeded" for r in runs.values())
+    assert order.read_text().split() == ["crit", "high", "normal1", "normal2", "low1", "low2"]
+
+
+def test_cancel_queued_and_running_kills_the_process_group(daemon: DaemonProcess,
+                                                            workdir: Path) -> None:
+    c = daemon.raw()
+    pidfile = workdir / "grandchild.pid"
+    # The shell starts a grandchild that ignores nothing special; both must die.
+    running = c.result("submit", {"shell": f"sleep 300 & echo $! > {pidfile}; wait"})["id"]
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "grandchild pid")
+    grandchild = int(pidfile.read_text())
+    other = c.result("submit", {"command": blocker(workdir / "never")})["id"]
+    queued = c.result("submit", {"command": ["true"]})["id"]  # both slots busy: stays queued
+    assert c.result("get", {"id": queued})["state"] == "queued"
+    results = c.result("cancel", {"ids": [queued, running]})["results"]
+    assert results == {str(queued): "cancelled", str(running): "cancelling"}
+    runs = wait_all(c, [queued, running])
+    assert runs[queued]["state"] == "cancelled"
+    assert runs[running]["state"] == "cancelled"
+    wait_for(lambda: not pid_alive(grandchild), "the grandchild to die with its group")
+    assert c.result("cancel", {"ids": [queued]})["results"] == {str(queued): "already_cancelled"}
+    c.result("cancel", {"ids": [other]})
+    wait_all(c, [other])
+
+
+def test_sigkill_mid_way_loses_no_acknowledged_run(daemon_factory: type[DaemonProcess]) -> None:
+    """The issue's acceptance test: 1,000 runs over two pools, SIGKILL mid-way, restart."""
+    d = daemon_factory("[pools.cmd]\nkind = \"process\"\nworkers = 4\n")
+    d.start()
+    c = d.raw()
+    acknowledged: list[int] = []
+    rng = random.Random(2)
+    for batch in range(10):
+        runs = []
+        for _ in range(100):
+            if rng.random() < 0.5:
+                runs.append({"call": "time:sleep", "args": [0.002], "pool": "python"})
+            else:
+                runs.append({"command": ["sh", "-c", "sleep 0.01"], "pool": "cmd"})
+        acknowledged += c.result("submit", {"runs": runs})["ids"]
+        if batch == 5:
+            # Kill while runs of both pools are in flight and more are queued.
+            wait_for(lambda: c.result("stats")["states"].get("succeeded", 0) > 50,
+                     "some runs to finish")
+            break
+    d.kill()
+    assert len(acknowledged) == 600
+    d.start()
+    c = d.raw()
+    more = c.result("submit", {"runs": [{"command": ["true"], "pool": "cmd"}] * 400})["ids"]
+    acknowledged += more
+    runs = wait_all(c, acknowledged, timeout=300)
+    assert len(runs) == 1000
+    bad = [r for r in runs.values() if r["state"] != "succeeded"]
+    assert not bad, [c.result("get", {"id": r["id"]}) for r in bad[:3]]
+    assert len(set(acknowledged)) == 1000
+    d.stop()
+    db = apsw.Connection(str(d.journal))
+    assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    # Every acknowledged run is in the journal exactly once, terminal, and every
+    # attempt is closed; at most one attempt per run was lost (to the one crash).
+    rows = db.execute("SELECT id, state, attempts, lost FROM runs").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(acknowledged)
+    assert all(r[3] <= 1 and r[2] == r[3] + 1 for r in rows)
+    open_attempts = db.execute("SELECT count(*) FROM attempts WHERE ended_at IS NULL").fetchall()
+    assert open_attempts == [(0,)]
+    lost = db.execute("SELECT count(*) FROM attempts WHERE outcome = 'lost'").fetchall()[0][0]
+    assert lost == sum(r[3] for r in rows)
+
+
+def test_leftover_process_of_a_lost_attempt_is_killed_before_retry(
+        daemon: DaemonProcess, workdir: Path) -> None:
+    c = daemon.raw()
+    marker = workdir / "starts"
+    pidfile = workdir / "pid"
+    run_id = c.result("submit", {
+        "shell": f"echo $JOBD_ATTEMPT >> {marker}; [ $JOBD_ATTEMPT -gt 1 ] && exit 0;"
+                 f" sleep 300 & echo $! > {pidfile}; wait"})["id"]
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the first attempt")
+    survivor = int(pidfile.read_text())
+    daemon.kill()
+    assert pid_alive(survivor)  # own session: it outlives the daemon
+    daemon.start()
+    c = daemon.raw()
+    run = wait_all(c, [run_id])[run_id]
+    assert run["state"] == "succeeded" and run["attempts"] == 2
+    assert not pid_alive(survivor)
+    attempts = c.result("get", {"id": run_id})["attempt_list"]
+    assert [a["outcome"] for a in attempts] == ["lost", "succeeded"]
+    assert marker.read_text().split() == ["1", "2"]
+
+
+def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
+        daemon: DaemonProcess, workdir: Path) -> None:
+    c = daemon.raw()
+    release = workdir / "release"
+    short = c.result("submit", {"command": blocker(release)})["id"]
+    long_run = c.result("submit", {"command": ["sleep", "300"], "pool": "default"})["id"]
+    wait_for(lambda: c.result("stats")["pools"][0]["running"] == 2, "both to run")
+    daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    # New work is refused while draining; the connection may also just close.
+    reply = c.request("submit", {"command": ["true"]})
+    assert reply.get("error", {}).get("code") == "shutting_down", reply
+    release.touch()  # the short run finishes within the grace period
+    assert daemon.proc.wait(60) == 0  # type: ignore[union-attr]
+    daemon.proc = None
+    daemon.start()
+    c = daemon.raw()
+    assert c.result("get", {"id": short})["state"] == "succeeded"
+    long_info = c.result("get", {"id": long_run})
+    assert [a["outcome"] for a in long_info["attempt_list"]][0] == "lost"
+    c.result("cancel", {"ids": [long_run]})
+    wait_all(c, [long_run])
+
+
+def test_second_sigterm_cuts_the_grace_period_short(daemon: DaemonProcess) -> None:
+    c = daemon.raw()
+    run_id = c.result("submit", {"command": ["sleep", "300"]})["id"]
+    wait_for(lambda: c.result("get", {"id": run_id})["state"] == "running", "it to run")
+    daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    wait_for(lambda: "shutting down" in daemon.log_text(), "the shutdown to begin")
+    daemon.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]
+    assert daemon.proc.wait(60) == 0  # type: ignore[union-attr]
+    assert "again: stopping running attempts now" in daemon.log_text()
+    daemon.proc = None
+
+
+def test_second_daemon_on_the_same_state_dir_is_refused(daemon: DaemonProcess) -> None:
+    out = subprocess.run([*JOBD, "--config", str(daemon.config)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert f"another jobd (pid {daemon.proc.pid})" in out.stderr  # type: ignore[union-attr]
+    daemon.raw().result("stats")  # the first one is unaffected
+
+
+def test_journal_from_a_newer_version_is_refused(daemon_factory: type[DaemonProcess]) -> None:
+    d = daemon_factory()
+    d.start()
+    d.stop()
+    db = apsw.Connection(str(d.journal))
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    d.write_config()
+    out = subprocess.run([*JOBD, "--config", str(d.config)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert "schema version 99" in out.stderr and "hint:" in out.stderr
+
+
+@pytest.mark.parametrize("problem", ["file-in-the-way", "invalid-toml", "bad-value"])
+def test_bad_configuration_or_state_dir_gives_a_clear_error(workdir: Path, problem: str) -> None:
+    config = workdir / "jobd.toml"
+    if problem == "file-in-the-way":
+        blocker_file = workdir / "notadir"
+        blocker_file.write_text("")
+        config.write_text(f'[daemon]\nstate_dir = "{blocker_file}/state"\n'
+                          f'socket = "{workdir}/s.sock"\n')
+        expected = "cannot create"
+    elif problem == "invalid-toml":
+        config.write_text("[daemon\nstate_dir = 1\n")
+        expected = "not valid TOML"
+    else:
+        config.write_text('[daemon]\nsynchronous = "sometimes"\n[pools.p]\nworkers = 0\n')
+        expected = "pools.p.workers"
+    out = subprocess.run([*JOBD, "--config", str(config)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1
+    assert expected in out.stderr
+    if problem == "bad-value":
+        assert "daemon.synchronous" in out.stderr  # every problem reported at once
+
+
+def test_stale_socket_is_replaced_and_non_socket_refused(daemon_factory: type[DaemonProcess]
+                                                         ) -> None:
+    d = daemon_factory()
+    d.start()
+    d.kill()
+    assert d.socket.exists()  # left behind by SIGKILL
+    d.start()  # replaced
+    d.stop()
+    d.socket.write_text("not a socket")
+    out = subprocess.run([*JOBD, "--config", str(d.config)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "is not a socket" in out.stderr
+    assert os.path.isfile(d.socket)
