@@ -129,64 +129,87 @@ def _unknown(c: _Collector, table: Mapping[str, Any], prefix: str, known: set[st
             c.add(f"{prefix}.{key}", f"unknown key; known keys: {', '.join(sorted(known))}")
 
 
-def _duration(c: _Collector, table: Mapping[str, Any], prefix: str, key: str,
-              default: float) -> float:
-    value = table.get(key, default)
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    if isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if match:
-            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    c.add(f"{prefix}.{key}", f"expected a duration such as 10, \"10s\", \"500ms\" or \"2m\","
-                             f" found {value!r}")
-    return default
+@dataclass(frozen=True, slots=True)
+class _Section:
+    """One table of the document, reporting problems under its key path."""
+
+    c: _Collector
+    table: Mapping[str, Any]
+    prefix: str
+
+    def problem(self, key: str, message: str) -> None:
+        self.c.add(f"{self.prefix}.{key}", message)
+
+    def duration(self, key: str, default: float) -> float:
+        value = self.table.get(key, default)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+            return float(value)
+        if isinstance(value, str):
+            match = _DURATION_RE.match(value)
+            if match:
+                return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        self.problem(
+            key, f'expected a duration such as 10, "10s", "500ms" or "2m", found {value!r}'
+        )
+        return default
+
+    def integer(self, key: str, default: int, minimum: int = 1) -> int:
+        value = self.table.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
+            return value
+        self.problem(key, f"expected an integer >= {minimum}, found {value!r}")
+        return default
+
+    def path(self, key: str, default: str, base: Path) -> Path:
+        value = self.table.get(key, default)
+        if not isinstance(value, str) or not value:
+            self.problem(key, f"expected a path string, found {value!r}")
+            value = default
+        path = Path(value)
+        return path if path.is_absolute() else (base / path)
+
+    def names(self, key: str) -> tuple[str, ...]:
+        value = self.table.get(key, [])
+        if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
+            return tuple(value)
+        self.problem(key, f'expected a list of user names and "@group" names, found {value!r}')
+        return ()
 
 
-def _positive_int(c: _Collector, table: Mapping[str, Any], prefix: str, key: str,
-                  default: int, minimum: int = 1) -> int:
-    value = table.get(key, default)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= minimum:
-        return value
-    c.add(f"{prefix}.{key}", f"expected an integer >= {minimum}, found {value!r}")
-    return default
-
-
-def _path(c: _Collector, table: Mapping[str, Any], prefix: str, key: str, default: str,
-          base: Path) -> Path:
-    value = table.get(key, default)
-    if not isinstance(value, str) or not value:
-        c.add(f"{prefix}.{key}", f"expected a path string, found {value!r}")
-        value = default
-    path = Path(value)
-    return path if path.is_absolute() else (base / path)
-
-
-def _names(c: _Collector, table: Mapping[str, Any], prefix: str, key: str) -> tuple[str, ...]:
-    value = table.get(key, [])
-    if isinstance(value, list) and all(isinstance(v, str) and v for v in value):
-        return tuple(value)
-    c.add(f"{prefix}.{key}", f"expected a list of user names and \"@group\" names,"
-                             f" found {value!r}")
-    return ()
-
-
-def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
-                 base: Path | None = None) -> Config:
+def parse_config(
+    data: Mapping[str, Any], *, source: str = "<config>", base: Path | None = None
+) -> Config:
     """Validate a parsed TOML document. Relative paths are resolved against ``base``."""
     base = (base or Path.cwd()).absolute()
     c = _Collector(source)
     _unknown(c, data, "", {"daemon", "limits", "pools", "access"})
     daemon = _table(c, data, "daemon")
-    _unknown(c, daemon, "daemon", {"state_dir", "socket", "socket_mode", "socket_group",
-                                   "log_dir", "synchronous", "shutdown_grace", "kill_grace",
-                                   "demo"})
-    state_dir = _path(c, daemon, "daemon", "state_dir", DEFAULT_STATE_DIR, base)
-    socket = _path(c, daemon, "daemon", "socket", DEFAULT_SOCKET, base)
+    d = _Section(c, daemon, "daemon")
+    _unknown(
+        c,
+        daemon,
+        "daemon",
+        {
+            "state_dir",
+            "socket",
+            "socket_mode",
+            "socket_group",
+            "log_dir",
+            "synchronous",
+            "shutdown_grace",
+            "kill_grace",
+            "demo",
+        },
+    )
+    state_dir = d.path("state_dir", DEFAULT_STATE_DIR, base)
+    socket = d.path("socket", DEFAULT_SOCKET, base)
     if len(str(socket).encode()) > SOCKET_PATH_MAX:
-        c.add("daemon.socket", f"path is {len(str(socket).encode())} bytes; a Unix socket path"
-                               f" must be at most {SOCKET_PATH_MAX}: choose a shorter path")
-    log_dir = _path(c, daemon, "daemon", "log_dir", str(state_dir / "logs"), base)
+        c.add(
+            "daemon.socket",
+            f"path is {len(str(socket).encode())} bytes; a Unix socket path"
+            f" must be at most {SOCKET_PATH_MAX}: choose a shorter path",
+        )
+    log_dir = d.path("log_dir", str(state_dir / "logs"), base)
     mode_raw = daemon.get("socket_mode", f"{DEFAULT_SOCKET_MODE:04o}")
     socket_mode = DEFAULT_SOCKET_MODE
     try:
@@ -194,16 +217,21 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
         if not 0 <= socket_mode <= 0o777:
             raise ValueError
     except ValueError:
-        c.add("daemon.socket_mode", f"expected an octal mode string such as \"0660\","
-                                    f" found {mode_raw!r}")
+        c.add(
+            "daemon.socket_mode",
+            f'expected an octal mode string such as "0660", found {mode_raw!r}',
+        )
     group = daemon.get("socket_group")
     if group is not None and not (isinstance(group, str) and group):
         c.add("daemon.socket_group", f"expected a group name, found {group!r}")
         group = None
     synchronous = daemon.get("synchronous", "full")
     if synchronous not in ("full", "normal"):
-        c.add("daemon.synchronous", f"expected \"full\" (survives power loss) or \"normal\""
-                                    f" (survives process crashes only), found {synchronous!r}")
+        c.add(
+            "daemon.synchronous",
+            f'expected "full" (survives power loss) or "normal"'
+            f" (survives process crashes only), found {synchronous!r}",
+        )
         synchronous = "full"
     demo = daemon.get("demo", False)
     if not isinstance(demo, bool):
@@ -211,6 +239,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
         demo = False
 
     limits = _table(c, data, "limits")
+    lim = _Section(c, limits, "limits")
     _unknown(c, limits, "limits", {"max_line", "max_connections", "max_inflight", "max_batch"})
 
     pools: dict[str, PoolConfig] = {}
@@ -222,19 +251,27 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
             c.add(prefix, "expected a table")
             continue
         _unknown(c, table, prefix, {"kind", "workers", "prefetch"})
+        pool = _Section(c, table, prefix)
         kind = table.get("kind", "process")
         if kind not in POOL_KINDS:
-            c.add(f"{prefix}.kind", f"expected \"process\" (commands) or \"thread\""
-                                    f" (Python callables), found {kind!r}")
+            c.add(
+                f"{prefix}.kind",
+                f'expected "process" (commands) or "thread" (Python callables), found {kind!r}',
+            )
             kind = "process"
-        workers = _positive_int(c, table, prefix, "workers", DEFAULT_WORKERS)
+        workers = pool.integer("workers", DEFAULT_WORKERS)
         per_worker = DEFAULT_THREAD_PREFETCH if kind == "thread" else DEFAULT_PROCESS_PREFETCH
-        prefetch = _positive_int(c, table, prefix, "prefetch", per_worker * workers, minimum=0)
+        prefetch = pool.integer("prefetch", per_worker * workers, minimum=0)
         pools[name] = PoolConfig(name, kind, workers, prefetch)
-    pools.setdefault("default", PoolConfig("default", "process", DEFAULT_WORKERS,
-                                           DEFAULT_PROCESS_PREFETCH * DEFAULT_WORKERS))
+    pools.setdefault(
+        "default",
+        PoolConfig(
+            "default", "process", DEFAULT_WORKERS, DEFAULT_PROCESS_PREFETCH * DEFAULT_WORKERS
+        ),
+    )
 
     access = _table(c, data, "access")
+    acc = _Section(c, access, "access")
     _unknown(c, access, "access", {"read", "submit", "admin"})
     config = Config(
         state_dir=state_dir,
@@ -243,23 +280,26 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<config>",
         socket_mode=socket_mode,
         socket_group=group,
         synchronous=synchronous,
-        shutdown_grace=_duration(c, daemon, "daemon", "shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
-        kill_grace=_duration(c, daemon, "daemon", "kill_grace", DEFAULT_KILL_GRACE),
-        max_line=_positive_int(c, limits, "limits", "max_line", DEFAULT_MAX_LINE, 1024),
-        max_connections=_positive_int(c, limits, "limits", "max_connections",
-                                      DEFAULT_MAX_CONNECTIONS),
-        max_inflight=_positive_int(c, limits, "limits", "max_inflight", DEFAULT_MAX_INFLIGHT),
-        max_batch=_positive_int(c, limits, "limits", "max_batch", DEFAULT_MAX_BATCH),
+        shutdown_grace=d.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
+        kill_grace=d.duration("kill_grace", DEFAULT_KILL_GRACE),
+        max_line=lim.integer("max_line", DEFAULT_MAX_LINE, 1024),
+        max_connections=lim.integer("max_connections", DEFAULT_MAX_CONNECTIONS),
+        max_inflight=lim.integer("max_inflight", DEFAULT_MAX_INFLIGHT),
+        max_batch=lim.integer("max_batch", DEFAULT_MAX_BATCH),
         pools=pools,
-        access=AccessConfig(_names(c, access, "access", "read"),
-                            _names(c, access, "access", "submit"),
-                            _names(c, access, "access", "admin")),
+        access=AccessConfig(
+            acc.names("read"),
+            acc.names("submit"),
+            acc.names("admin"),
+        ),
         demo=demo,
         source=source,
     )
     if c.problems:
-        raise ConfigError(c.problems, hint="fix the keys above; jobd.toml.example documents"
-                                           " every key with its default")
+        raise ConfigError(
+            c.problems,
+            hint="fix the keys above; jobd.toml.example documents every key with its default",
+        )
     return config
 
 
@@ -267,9 +307,10 @@ def load_config(path: Path) -> Config:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"],
-                          hint="pass --config PATH, or --dev for the built-in development"
-                               " configuration") from exc
+        raise ConfigError(
+            [f"{path}: cannot read: {exc.strerror}"],
+            hint="pass --config PATH, or --dev for the built-in development configuration",
+        ) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -278,5 +319,6 @@ def load_config(path: Path) -> Config:
 
 
 def dev_config(base: Path | None = None) -> Config:
-    return parse_config(tomllib.loads(DEV_CONFIG), source="<built-in --dev config>",
-                        base=base or Path.cwd())
+    return parse_config(
+        tomllib.loads(DEV_CONFIG), source="<built-in --dev config>", base=base or Path.cwd()
+    )

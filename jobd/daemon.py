@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,7 +30,7 @@ import trio
 from jobd import __version__
 from jobd import executor as executor_mod
 from jobd.config import DEFAULT_CONFIG, Config, dev_config, load_config
-from jobd.core.effects import Effect, Ended, Kill, KillLeftovers, Started, StateChanged
+from jobd.core.effects import Created, Effect, Ended, Kill, KillLeftovers, Started, StateChanged
 from jobd.core.model import Kind, NewRun, Result, Spec, State
 from jobd.core.scheduler import Cancel, Finished, ProcessStarted, Recover, Scheduler, Submit
 from jobd.errors import JobdError, ProtocolError
@@ -58,6 +59,7 @@ class Daemon:
         self._discard_results = False
         self._waiters: dict[int, list[_Waiter]] = {}
         self._grace_scope = trio.CancelScope()  # cut short by a second SIGTERM/SIGINT
+        self._quiet = trio.Event()  # while stopping: nothing (left) running
         self.scheduler = Scheduler({p.name: p.capacity for p in config.pools.values()})
         self.server = Server(config, self)
         # Set up in run():
@@ -87,8 +89,13 @@ class Daemon:
         config = self.config
         listener = await self.server.open_socket()
         self.writer = GroupCommitter(self.journal, self._after_commit)
-        self.executor = Executor(config.pools, config.log_dir, self.journal.instance,
-                                 self._on_handback, config.kill_grace)
+        self.executor = Executor(
+            config.pools,
+            config.log_dir,
+            self.journal.instance,
+            self._on_handback,
+            config.kill_grace,
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.writer.run)
             await nursery.start(self.executor.run)
@@ -121,8 +128,9 @@ class Daemon:
 
     async def _hurry_on_second_signal(self, signals: Any) -> None:
         async for signum in signals:
-            log.warning("received %s again: stopping running attempts now",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s again: stopping running attempts now", signal.Signals(signum).name
+            )
             self._grace_scope.cancel()
 
     async def _shutdown(self) -> None:
@@ -130,18 +138,22 @@ class Daemon:
         self.scheduler.draining = True
         with self._grace_scope:
             self._grace_scope.deadline = trio.current_time() + self.config.shutdown_grace
-            while self._running_count():
-                await trio.sleep(0.05)
+            if self._running_count():
+                await self._quiet.wait()  # set by _on_handback when the last run ends
         running = self._running_count()
         if running:
             # Leave them to be recovered at the next start, like a crash would.
             self._discard_results = True
-            log.warning("%d run(s) still running after %.0fs: stopping them; they will be"
-                        " re-queued at the next start", running, self.config.shutdown_grace)
-            self.executor.kill_all(signal.SIGTERM)
-            with trio.move_on_after(self.config.kill_grace):
-                while self.executor.running_processes:
-                    await trio.sleep(0.05)
+            log.warning(
+                "%d run(s) still running after %.0fs: stopping them; they will be"
+                " re-queued at the next start",
+                running,
+                self.config.shutdown_grace,
+            )
+            self._quiet = trio.Event()
+            if self.executor.kill_all(signal.SIGTERM):
+                with trio.move_on_after(self.config.kill_grace):
+                    await self._quiet.wait()
             self.executor.kill_all(signal.SIGKILL)
         log.info("jobd stopped")
 
@@ -165,12 +177,22 @@ class Daemon:
 
     async def _submit_demo_runs(self) -> None:
         demo = [
-            NewRun(Spec(Kind.COMMAND, command=("echo", "hello from jobd")), name="demo-echo",
-                   tags=("demo",)),
-            NewRun(Spec(Kind.SHELL, shell="uname -sr; date; echo \"run $JOBD_RUN_ID\""),
-                   name="demo-shell", tags=("demo",)),
-            NewRun(Spec(Kind.CALL, call="jobd.demo:fib", args=(30,)), pool="python",
-                   name="demo-fib", tags=("demo",)),
+            NewRun(
+                Spec(Kind.COMMAND, command=("echo", "hello from jobd")),
+                name="demo-echo",
+                tags=("demo",),
+            ),
+            NewRun(
+                Spec(Kind.SHELL, shell='uname -sr; date; echo "run $JOBD_RUN_ID"'),
+                name="demo-shell",
+                tags=("demo",),
+            ),
+            NewRun(
+                Spec(Kind.CALL, call="jobd.demo:fib", args=(30,)),
+                pool="python",
+                name="demo-fib",
+                tags=("demo",),
+            ),
         ]
         runnable = [r for r in demo if r.pool in self.config.pools]
         if runnable:
@@ -181,6 +203,9 @@ class Daemon:
     def _on_handback(self, items: list[Handback]) -> None:
         """Executor results, delivered in batches on the event loop."""
         if self._discard_results:
+            # Stopping: results are left for recovery; only notice the last exit.
+            if not self.executor.running_processes:
+                self._quiet.set()
             return
         now = time.time()
         handle = self.scheduler.handle
@@ -195,6 +220,8 @@ class Daemon:
             effects += handle(Finished(tuple(results)), now)
         if effects:
             self.writer.add(effects)
+        if self.stopping and not self._running_count():
+            self._quiet.set()
 
     def _after_commit(self, effects: list[Effect]) -> None:
         """Carry out the actions of a committed batch, then wake whoever waits on it."""
@@ -203,8 +230,7 @@ class Daemon:
             # Before any start in this batch: a leftover must never overlap its retry.
             killed = executor_mod.kill_leftovers(self.journal.instance, leftovers)
             if killed:
-                log.warning("killed %d leftover process group(s) of lost attempts",
-                            len(killed))
+                log.warning("killed %d leftover process group(s) of lost attempts", len(killed))
         waiters = self._waiters
         start = self.executor.start
         for effect in effects:
@@ -230,13 +256,16 @@ class Daemon:
 
     def _check_accepting(self) -> None:
         if self.stopping:
-            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the daemon is shutting down",
-                                hint="retry once it is back")
+            raise ProtocolError(
+                ErrorCode.SHUTTING_DOWN, "the daemon is shutting down", hint="retry once it is back"
+            )
         if not self.writer.healthy:
-            raise ProtocolError(ErrorCode.UNAVAILABLE,
-                                f"the journal cannot commit: {self.writer.last_error}",
-                                hint="nothing was accepted; free disk space or fix the state"
-                                     " directory, jobd retries by itself")
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                f"the journal cannot commit: {self.writer.last_error}",
+                hint="nothing was accepted; free disk space or fix the state"
+                " directory, jobd retries by itself",
+            )
 
     async def submit(self, new_runs: Iterable[NewRun], uid: int, pid: int | None) -> list[int]:
         """Create runs; return their ids once the journal has them."""
@@ -247,14 +276,16 @@ class Daemon:
             for r in new_runs
         )
         effects = self.scheduler.handle(Submit(owned), now)
-        ids = [e.run_id for e in effects[: len(owned)]]  # Created effects come first, in order
+        ids = [e.run_id for e in effects[: len(owned)] if isinstance(e, Created)]
+        assert len(ids) == len(owned)  # the Created effects come first, in order
         detail = {"runs": len(ids), "first": ids[0], "last": ids[-1]}
         batch = self.writer.add(effects, AuditEntry(now, uid, pid, "submit", detail))
         await batch.committed.wait()
         return ids
 
-    async def cancel(self, ids: list[int], uid: int, pid: int | None,
-                     *, admin: bool) -> dict[int, str]:
+    async def cancel(
+        self, ids: list[int], uid: int, pid: int | None, *, admin: bool
+    ) -> dict[int, str]:
         self._check_accepting()
         results: dict[int, str] = {}
         allowed: list[int] = []
@@ -278,8 +309,9 @@ class Daemon:
         await batch.committed.wait()
         return {i: results[i] for i in ids}
 
-    async def wait(self, ids: list[int], timeout: float | None
-                   ) -> tuple[dict[int, dict[str, Any]], bool]:
+    async def wait(
+        self, ids: list[int], seconds: float | None
+    ) -> tuple[dict[int, dict[str, Any]], bool]:
         """Wait until every run is terminal; returns (summaries, timed_out)."""
         # Register before reading the journal, so that a commit landing in
         # between still reaches this waiter.
@@ -294,7 +326,7 @@ class Daemon:
                     waiter.remaining.discard(run_id)
             timed_out = False
             if waiter.remaining:
-                with trio.move_on_after(timeout if timeout is not None else float("inf")):
+                with trio.move_on_after(seconds if seconds is not None else float("inf")):
                     await waiter.done.wait()
                 timed_out = bool(waiter.remaining)
                 summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
@@ -308,8 +340,9 @@ class Daemon:
                     if not lst:
                         del self._waiters[run_id]
 
-    async def stream_logs(self, run_id: int, attempt: int | None, follow: bool,
-                          emit: Callable[[str], Awaitable[None]]) -> dict[str, Any]:
+    async def stream_logs(
+        self, run_id: int, attempt: int | None, follow: bool, emit: Callable[[str], Awaitable[None]]
+    ) -> dict[str, Any]:
         run = await trio.to_thread.run_sync(self.journal.get_run, run_id)
         if run is None:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no run with id {run_id}")
@@ -319,15 +352,17 @@ class Daemon:
             attempts = run["attempt_list"]
             if chosen is None and attempts:
                 chosen = attempts[-1]["attempt"]
-            if attempt is not None and attempt > max((a["attempt"] for a in attempts), default=0) \
-                    and State(run["state"]).terminal:
-                raise ProtocolError(ErrorCode.NOT_FOUND,
-                                    f"run {run_id} has no attempt {attempt}")
+            if (
+                attempt is not None
+                and attempt > max((a["attempt"] for a in attempts), default=0)
+                and State(run["state"]).terminal
+            ):
+                raise ProtocolError(ErrorCode.NOT_FOUND, f"run {run_id} has no attempt {attempt}")
             path = _output_path(self.config.log_dir, run_id, chosen) if chosen else None
             if path is not None:
                 data, offset = await trio.to_thread.run_sync(_read_from, path, offset)
                 for start in range(0, len(data), LOG_CHUNK):
-                    await emit(data[start:start + LOG_CHUNK].decode(errors="replace"))
+                    await emit(data[start : start + LOG_CHUNK].decode(errors="replace"))
             terminal = State(run["state"]).terminal
             if not follow or terminal:
                 if terminal and path is not None:
@@ -356,21 +391,37 @@ class Daemon:
         w = self.writer.statistics()
         return {
             "daemon": {
-                "version": __version__, "pid": os.getpid(), "uid": os.getuid(),
-                "started_at": self.started_at, "socket": str(c.socket),
-                "journal": str(c.journal_path), "log_dir": str(c.log_dir),
-                "synchronous": c.synchronous, "healthy": w.healthy,
-                "last_error": w.last_error, "stopping": self.stopping,
+                "version": __version__,
+                "pid": os.getpid(),
+                "uid": os.getuid(),
+                "started_at": self.started_at,
+                "socket": str(c.socket),
+                "journal": str(c.journal_path),
+                "log_dir": str(c.log_dir),
+                "synchronous": c.synchronous,
+                "healthy": w.healthy,
+                "last_error": w.last_error,
+                "stopping": self.stopping,
             },
             "pools": [
-                {"name": p.name, "kind": kinds.get(p.name, "unconfigured"), "workers": p.workers,
-                 "queued": p.queued, "running": p.running, "held": p.held,
-                 "configured": p.configured}
+                {
+                    "name": p.name,
+                    "kind": kinds.get(p.name, "unconfigured"),
+                    "workers": p.workers,
+                    "queued": p.queued,
+                    "running": p.running,
+                    "held": p.held,
+                    "configured": p.configured,
+                }
                 for p in self.scheduler.statistics()
             ],
             "states": states,
-            "journal": {"commits": w.commits, "effects": w.effects,
-                        "largest_batch": w.largest_batch, "failed_commits": w.failed_commits},
+            "journal": {
+                "commits": w.commits,
+                "effects": w.effects,
+                "largest_batch": w.largest_batch,
+                "failed_commits": w.failed_commits,
+            },
         }
 
 
@@ -393,12 +444,16 @@ def _make_dirs(config: Config) -> None:
         try:
             path.mkdir(parents=True, exist_ok=True, mode=mode)
         except OSError as exc:
-            raise JobdError(f"cannot create {path}: {exc.strerror}",
-                            hint="create it with the right owner, or point the configuration"
-                                 " elsewhere (--dev uses ./.jobd)") from exc
+            raise JobdError(
+                f"cannot create {path}: {exc.strerror}",
+                hint="create it with the right owner, or point the configuration"
+                " elsewhere (--dev uses ./.jobd)",
+            ) from exc
         if not os.access(path, os.W_OK | os.X_OK):
-            raise JobdError(f"{path} is not writable by uid {os.getuid()}",
-                            hint="fix its owner/permissions, or choose another directory")
+            raise JobdError(
+                f"{path} is not writable by uid {os.getuid()}",
+                hint="fix its owner/permissions, or choose another directory",
+            )
 
 
 def _notify_ready() -> None:
@@ -406,8 +461,6 @@ def _notify_ready() -> None:
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
-    import socket
-
     if address.startswith("@"):
         address = "\0" + address[1:]
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
@@ -416,15 +469,24 @@ def _notify_ready() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="jobd", description="the jobd scheduler daemon")
-    parser.add_argument("--config", type=Path, help=f"configuration file (default {DEFAULT_CONFIG})")
-    parser.add_argument("--dev", action="store_true",
-                        help="use the built-in development configuration (state in ./.jobd)")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--config", type=Path, help=f"configuration file (default {DEFAULT_CONFIG})"
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="use the built-in development configuration (state in ./.jobd)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
     parser.add_argument("--version", action="version", version=f"jobd {__version__}")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         if args.dev and args.config:
             parser.error("--dev and --config exclude each other")

@@ -173,10 +173,9 @@ class Executor:
                 return
             self._wake_scheduled = True
         assert self._token is not None
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
+            # If the loop is gone the daemon is exiting; the run is recovered as lost.
             self._token.run_sync_soon(self._drain)
-        except trio.RunFinishedError:
-            pass  # the daemon is exiting; the run will be recovered as lost
 
     def _worker(self, q: queue.SimpleQueue[Started | None]) -> None:
         while True:
@@ -184,14 +183,17 @@ class Executor:
             if item is None:
                 return
             try:
-                if item.spec.kind is Kind.CALL:
-                    result = self._call(item)
-                else:
-                    result = self._spawn(item)
+                run = self._call if item.spec.kind is Kind.CALL else self._spawn
+                result = run(item)
             except BaseException as exc:  # never let a worker thread die
                 log.exception("executor bug while running run %d", item.run_id)
-                result = Result(item.run_id, item.attempt, Outcome.ERROR, time.time(),
-                                error=f"internal executor error: {exc!r}")
+                result = Result(
+                    item.run_id,
+                    item.attempt,
+                    Outcome.ERROR,
+                    time.time(),
+                    error=f"internal executor error: {exc!r}",
+                )
             self._hand_back(result)
 
     def _call(self, item: Started) -> Result:
@@ -201,15 +203,25 @@ class Executor:
             with self._lock:
                 if key in self._kill_requested:
                     self._kill_requested.discard(key)
-                    return Result(item.run_id, item.attempt, Outcome.CANCELLED, time.time(),
-                                  error="cancelled before a worker took it")
+                    return Result(
+                        item.run_id,
+                        item.attempt,
+                        Outcome.CANCELLED,
+                        time.time(),
+                        error="cancelled before a worker took it",
+                    )
         started = time.time()
         try:
             fn = self._functions.get(spec.call) or self._resolve(spec.call)
         except Exception as exc:
-            return Result(item.run_id, item.attempt, Outcome.ERROR, time.time(),
-                          error=f"cannot import {spec.call}: {type(exc).__name__}: {exc}",
-                          started_at=started)
+            return Result(
+                item.run_id,
+                item.attempt,
+                Outcome.ERROR,
+                time.time(),
+                error=f"cannot import {spec.call}: {type(exc).__name__}: {exc}",
+                started_at=started,
+            )
         context._set(context.RunContext(item.run_id, item.attempt, item.pool))
         try:
             fn(*spec.args, **spec.kwargs)
@@ -217,26 +229,31 @@ class Executor:
             output = self._log_path(item.run_id, item.attempt)
             with contextlib.suppress(OSError):
                 output.write_text("".join(traceback.format_exception(exc)))
-            return Result(item.run_id, item.attempt, Outcome.FAILED, time.time(),
-                          error=f"{type(exc).__name__}: {exc}", output=str(output),
-                          started_at=started)
+            return Result(
+                item.run_id,
+                item.attempt,
+                Outcome.FAILED,
+                time.time(),
+                error=f"{type(exc).__name__}: {exc}",
+                output=str(output),
+                started_at=started,
+            )
         finally:
             context._set(None)
             if self._kill_requested:
                 with self._lock:
                     self._kill_requested.discard(key)  # cancelled while it ran
-        return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time(),
-                      started_at=started)
+        return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time(), started_at=started)
 
     def _resolve(self, target: str) -> Callable[..., Any]:
         module_name, _, attr = target.partition(":")
-        obj: Any = importlib.import_module(module_name)
+        obj: object = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
         if not callable(obj):
             raise TypeError(f"{target} is not callable")
         self._functions[target] = obj
-        return obj  # type: ignore[no-any-return]
+        return obj
 
     def _spawn(self, item: Started) -> Result:
         spec = item.spec
@@ -250,13 +267,24 @@ class Executor:
         with self._lock:
             if key in self._kill_requested:
                 self._kill_requested.discard(key)
-                return Result(item.run_id, item.attempt, Outcome.CANCELLED, time.time(),
-                              error="cancelled before the process started")
+                return Result(
+                    item.run_id,
+                    item.attempt,
+                    Outcome.CANCELLED,
+                    time.time(),
+                    error="cancelled before the process started",
+                )
         try:
             with open(output, "wb") as out:
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    env=env, cwd=spec.cwd, start_new_session=True, close_fds=True,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=spec.cwd,
+                    start_new_session=True,
+                    close_fds=True,
                 )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
@@ -265,8 +293,15 @@ class Executor:
                 message = f"cannot start: working directory {spec.cwd!r} does not exist"
             with contextlib.suppress(OSError):
                 output.write_text(f"jobd: {message}\n")
-            return Result(item.run_id, item.attempt, Outcome.ERROR, time.time(),
-                          exit_code=code, error=message, output=str(output))
+            return Result(
+                item.run_id,
+                item.attempt,
+                Outcome.ERROR,
+                time.time(),
+                exit_code=code,
+                error=message,
+                output=str(output),
+            )
         with self._lock:
             self._procs[key] = proc.pid
             kill_now = key in self._kill_requested
@@ -278,16 +313,34 @@ class Executor:
         with self._lock:
             del self._procs[key]
         if returncode == 0:
-            return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time(),
-                          exit_code=0, output=str(output))
+            return Result(
+                item.run_id,
+                item.attempt,
+                Outcome.SUCCEEDED,
+                time.time(),
+                exit_code=0,
+                output=str(output),
+            )
         if returncode < 0:
             name = signal.Signals(-returncode).name
-            return Result(item.run_id, item.attempt, Outcome.FAILED, time.time(),
-                          exit_code=128 - returncode, error=f"killed by {name}",
-                          output=str(output))
-        return Result(item.run_id, item.attempt, Outcome.FAILED, time.time(),
-                      exit_code=returncode, error=f"exited with status {returncode}",
-                      output=str(output))
+            return Result(
+                item.run_id,
+                item.attempt,
+                Outcome.FAILED,
+                time.time(),
+                exit_code=128 - returncode,
+                error=f"killed by {name}",
+                output=str(output),
+            )
+        return Result(
+            item.run_id,
+            item.attempt,
+            Outcome.FAILED,
+            time.time(),
+            exit_code=returncode,
+            error=f"exited with status {returncode}",
+            output=str(output),
+        )
 
     def _log_path(self, run_id: int, attempt: int) -> Path:
         shard = run_id // LOG_SHARD
@@ -313,8 +366,9 @@ def kill_leftovers(instance: str, attempts: Iterable[tuple[int, int]]) -> list[i
     group of every such process is killed, so members that cleared their
     environment die with it.
     """
-    wanted = {(b"JOBD_RUN_ID=%d" % run_id, b"JOBD_ATTEMPT=%d" % attempt)
-              for run_id, attempt in attempts}
+    wanted = {
+        (b"JOBD_RUN_ID=%d" % run_id, b"JOBD_ATTEMPT=%d" % attempt) for run_id, attempt in attempts
+    }
     if not wanted:
         return []
     marker = f"JOBD_INSTANCE={instance}".encode()

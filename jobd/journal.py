@@ -126,7 +126,7 @@ def _translate(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 def _hint_for(exc: apsw.Error) -> str:
     if isinstance(exc, apsw.FullError):
         return "the disk holding the journal is full: free space; jobd retries by itself"
-    if isinstance(exc, apsw.ReadOnlyError | apsw.CantOpenError | apsw.PermError):
+    if isinstance(exc, apsw.ReadOnlyError | apsw.CantOpenError | apsw.PermissionsError):
         return "check that the state directory exists and is writable by the daemon's user"
     if isinstance(exc, apsw.CorruptError | apsw.NotADBError):
         return "the journal file is damaged: restore it from a backup"
@@ -193,19 +193,17 @@ class Journal:
 
     def _migrate(self, db: apsw.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchall()[0][0]
+        assert isinstance(version, int)
         if version > SCHEMA_VERSION:
             raise JournalVersionError(
-                f"{self.path} has schema version {version}; this jobd knows up to"
-                f" {SCHEMA_VERSION}",
+                f"{self.path} has schema version {version}; this jobd knows up to {SCHEMA_VERSION}",
                 hint="run the newer jobd that wrote it, or restore a backup made by this version",
             )
         for number in range(version, SCHEMA_VERSION):
             with db:
                 db.execute(MIGRATIONS[number])
                 if number == 0:
-                    db.execute(
-                        "INSERT INTO meta VALUES ('instance', lower(hex(randomblob(8))))"
-                    )
+                    db.execute("INSERT INTO meta VALUES ('instance', lower(hex(randomblob(8))))")
                 db.execute(f"PRAGMA user_version={number + 1}")
             log.info("journal %s migrated to schema version %d", self.path, number + 1)
 
@@ -329,8 +327,10 @@ class Journal:
             where.append("name = ?")
             args.append(name)
         if tag is not None:
-            where.append("tags IS NOT NULL AND EXISTS (SELECT 1 FROM json_each(runs.tags)"
-                         " WHERE json_each.value = ?)")
+            where.append(
+                "tags IS NOT NULL AND EXISTS (SELECT 1 FROM json_each(runs.tags)"
+                " WHERE json_each.value = ?)"
+            )
             args.append(tag)
         if owner is not None:
             where.append("owner = ?")
@@ -372,8 +372,14 @@ class Journal:
     @_translate("cannot read the journal")
     def audit_entries(self, limit: int = 100) -> list[dict[str, Any]]:
         return [
-            {"id": r[0], "at": r[1], "uid": r[2], "pid": r[3], "action": r[4],
-             "detail": json.loads(r[5])}
+            {
+                "id": r[0],
+                "at": r[1],
+                "uid": r[2],
+                "pid": r[3],
+                "action": r[4],
+                "detail": json.loads(r[5]),
+            }
             for r in self._reader().execute(
                 "SELECT id, at, uid, pid, action, detail FROM audit ORDER BY id DESC LIMIT ?",
                 (limit,),
@@ -468,8 +474,16 @@ def _write_ended(db: apsw.Connection, effects: list[Ended]) -> None:
         "UPDATE attempts SET ended_at = ?, outcome = ?, exit_code = ?, error = ?, output = ?,"
         " started_at = coalesce(?, started_at) WHERE run_id = ? AND attempt = ?",
         [
-            (r.ended_at, r.outcome.value, r.exit_code, r.error, r.output, r.started_at,
-             r.run_id, r.attempt)
+            (
+                r.ended_at,
+                r.outcome.value,
+                r.exit_code,
+                r.error,
+                r.output,
+                r.started_at,
+                r.run_id,
+                r.attempt,
+            )
             for r in (e.result for e in effects)
         ],
     )
@@ -540,9 +554,7 @@ class WriterStatistics:
 class GroupCommitter:
     """The single writer task. ``add`` never blocks; await ``batch.committed``."""
 
-    def __init__(
-        self, journal: Journal, on_commit: Callable[[list[Effect]], None]
-    ) -> None:
+    def __init__(self, journal: Journal, on_commit: Callable[[list[Effect]], None]) -> None:
         self.journal = journal
         self.on_commit = on_commit
         self._pending = Batch()
@@ -611,7 +623,11 @@ class GroupCommitter:
 
     def statistics(self) -> WriterStatistics:
         return WriterStatistics(
-            self._commits, self._effects, self._largest, self._failed, self.healthy,
+            self._commits,
+            self._effects,
+            self._largest,
+            self._failed,
+            self.healthy,
             self.last_error,
         )
 

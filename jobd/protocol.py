@@ -29,6 +29,8 @@ DEFAULT_MAX_LINE = 4 * 1024 * 1024  # bytes per message line, both directions
 DEFAULT_MAX_BATCH = 10_000  # runs per submit request
 DEFAULT_LIST_LIMIT = 100  # runs per list page
 MAX_LIST_LIMIT = 1_000  # runs per list page, upper bound
+MAX_NESTING = 32  # levels of arrays/objects inside a callable's args or kwargs
+MAX_RUN_ID = 2**63 - 1  # SQLite's largest INTEGER: a larger id cannot even be looked up
 
 
 class ErrorCode(enum.StrEnum):
@@ -116,12 +118,36 @@ class Request:
     params: dict[str, Any]
 
 
+# A JSON string escape of a UTF-16 surrogate: the only way to smuggle text into a
+# request that cannot be encoded back to UTF-8 (in replies, argv, the journal).
+_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _unencodable(message: Any) -> str | None:
+    """Why ``message`` cannot be sent back as UTF-8 JSON, or None if it can."""
+    try:
+        json.dumps(message, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return "strings must be valid Unicode (a lone surrogate escape such as \\ud800 is not)"
+    except RecursionError:
+        return "the request is nested too deeply"
+    return None
+
+
 def parse_request(line: bytes) -> Request:
     """Decode one request line or raise ProtocolError (``invalid_json``/``invalid_request``)."""
     try:
-        message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        message = json.loads(line, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE_RE.search(line):  # rare: check the decoded text properly
+        problem = _unencodable(message)
+        if problem:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, problem)
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
     request_id = message.get("id")
@@ -147,6 +173,21 @@ _ENV_NAME_RE = re.compile(r"^[^=\0]+$")
 SPEC_FIELDS = frozenset(
     {"command", "shell", "call", "args", "kwargs", "env", "cwd", "pool", "priority", "name", "tags"}
 )
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    """Whether arrays/objects nest more than ``limit`` levels below ``value`` (iterative:
+    a run whose arguments nest too deeply could never be encoded into a reply again)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, list | dict):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def invalid(message: str, hint: str | None = None) -> ProtocolError:
@@ -197,6 +238,9 @@ def parse_submission(data: Any, where: str = "params") -> NewRun:
         raw_kwargs = data.get("kwargs", {})
         if not isinstance(raw_kwargs, dict):
             raise invalid(f"{where}.kwargs: must be a JSON object")
+        for key, raw in (("args", raw_args), ("kwargs", raw_kwargs)):
+            if _nested_deeper(raw, MAX_NESTING):
+                raise invalid(f"{where}.{key}: nested more than {MAX_NESTING} levels deep")
         args, kwargs = tuple(raw_args), raw_kwargs
     if kind is not Kind.CALL and ("args" in data or "kwargs" in data):
         raise invalid(f"{where}: 'args' and 'kwargs' apply to 'call' submissions only")
@@ -248,18 +292,20 @@ def parse_submissions(params: dict[str, Any], max_batch: int) -> list[NewRun]:
 
 def run_id_param(params: dict[str, Any], key: str = "id") -> int:
     value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RUN_ID:
         raise invalid(f"'{key}' must be a positive integer run id")
     return value
 
 
-def run_ids_param(params: dict[str, Any], key: str = "ids", limit: int = DEFAULT_MAX_BATCH) -> list[int]:
+def run_ids_param(
+    params: dict[str, Any], key: str = "ids", limit: int = DEFAULT_MAX_BATCH
+) -> list[int]:
     value = params.get(key)
     if not isinstance(value, list) or not value:
         raise invalid(f"'{key}' must be a non-empty list of run ids")
     if len(value) > limit:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"more than {limit} ids in one request")
     for item in value:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+        if isinstance(item, bool) or not isinstance(item, int) or not 1 <= item <= MAX_RUN_ID:
             raise invalid(f"'{key}' must contain positive integer run ids, got {item!r}")
     return list(dict.fromkeys(value))

@@ -32,6 +32,7 @@ from jobd.errors import JobdError, JournalError, ProtocolError, RequestError
 from jobd.protocol import (
     DEFAULT_LIST_LIMIT,
     MAX_LIST_LIMIT,
+    MAX_RUN_ID,
     METHODS,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -84,8 +85,11 @@ class Access:
         except (KeyError, OSError):
             user, groups = str(uid), set()
         names = {user, str(uid)} | {f"@{g}" for g in groups}
-        for role, members in ((Role.ADMIN, self.config.admin), (Role.SUBMIT, self.config.submit),
-                              (Role.READ, self.config.read)):
+        for role, members in (
+            (Role.ADMIN, self.config.admin),
+            (Role.SUBMIT, self.config.submit),
+            (Role.READ, self.config.read),
+        ):
             if names.intersection(members):
                 return role
         return Role.NONE
@@ -140,8 +144,10 @@ class Server:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise JobdError(f"cannot create {path.parent}: {exc.strerror}",
-                            hint="create it, or set daemon.socket to a writable place") from exc
+            raise JobdError(
+                f"cannot create {path.parent}: {exc.strerror}",
+                hint="create it, or set daemon.socket to a writable place",
+            ) from exc
         _replace_stale_socket(path)
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         old_umask = os.umask(0o177)  # never more open than 0600, not even for an instant
@@ -150,8 +156,10 @@ class Server:
             self.bound = True
         except OSError as exc:
             sock.close()
-            raise JobdError(f"cannot bind the control socket {path}: {exc.strerror}",
-                            hint="check the directory's permissions") from exc
+            raise JobdError(
+                f"cannot bind the control socket {path}: {exc.strerror}",
+                hint="check the directory's permissions",
+            ) from exc
         finally:
             os.umask(old_umask)
         os.chmod(path, self.config.socket_mode)
@@ -163,14 +171,18 @@ class Server:
         sock.listen(128)
         return trio.SocketListener(sock)
 
-    async def serve(self, listener: trio.SocketListener,
-                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        listener: trio.SocketListener,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Accept connections until ``stop_accepting``; serve the open ones until cancelled."""
         async with trio.open_nursery() as handlers:
             with self._accept_scope:
                 task_status.started()
-                await trio.serve_listeners(self._serve_connection, [listener],
-                                           handler_nursery=handlers)
+                await trio.serve_listeners(
+                    self._serve_connection, [listener], handler_nursery=handlers
+                )
 
     def stop_accepting(self) -> None:
         """Close the listening socket; connections already open are still served."""
@@ -189,9 +201,14 @@ class Server:
         self.connections += 1
         try:
             if self.connections > self.config.max_connections:
-                await conn.error(None, ProtocolError(
-                    ErrorCode.BUSY, f"too many connections (limit {self.config.max_connections})",
-                    hint="close idle clients, or raise limits.max_connections"))
+                await conn.error(
+                    None,
+                    ProtocolError(
+                        ErrorCode.BUSY,
+                        f"too many connections (limit {self.config.max_connections})",
+                        hint="close idle clients, or raise limits.max_connections",
+                    ),
+                )
                 return
             async with trio.open_nursery() as requests, trio.open_nursery() as polls:
                 await self._read_requests(conn, requests, polls)
@@ -202,8 +219,9 @@ class Server:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await stream.aclose()
 
-    async def _read_requests(self, conn: Connection, requests: trio.Nursery,
-                             polls: trio.Nursery) -> None:
+    async def _read_requests(
+        self, conn: Connection, requests: trio.Nursery, polls: trio.Nursery
+    ) -> None:
         buffer = LineBuffer(self.config.max_line)
         while True:
             try:
@@ -231,10 +249,15 @@ class Server:
                     await self._hello(conn, request)
                     continue
                 if conn.inflight >= self.config.max_inflight:
-                    await conn.error(request.id, ProtocolError(
-                        ErrorCode.BUSY, f"more than {self.config.max_inflight} requests in"
-                                        " flight on this connection",
-                        hint="wait for replies before sending more"))
+                    await conn.error(
+                        request.id,
+                        ProtocolError(
+                            ErrorCode.BUSY,
+                            f"more than {self.config.max_inflight} requests in"
+                            " flight on this connection",
+                            hint="wait for replies before sending more",
+                        ),
+                    )
                     continue
                 conn.inflight += 1
                 nursery = polls if request.method in LONG_POLL else requests
@@ -242,32 +265,53 @@ class Server:
 
     async def _hello(self, conn: Connection, request: Request) -> None:
         if request.method != "hello":
-            await conn.error(request.id, ProtocolError(
-                ErrorCode.HELLO_REQUIRED, "the first request must be 'hello'",
-                hint=f'send {{"id": 1, "method": "hello", "params": {{"protocol":'
-                     f' {PROTOCOL_VERSION}}}}}'))
+            await conn.error(
+                request.id,
+                ProtocolError(
+                    ErrorCode.HELLO_REQUIRED,
+                    "the first request must be 'hello'",
+                    hint=f'send {{"id": 1, "method": "hello", "params": {{"protocol":'
+                    f" {PROTOCOL_VERSION}}}}}",
+                ),
+            )
             return
         version = request.params.get("protocol", PROTOCOL_VERSION)
         if version != PROTOCOL_VERSION:
-            await conn.error(request.id, ProtocolError(
-                ErrorCode.UNSUPPORTED_VERSION,
-                f"protocol version {version!r} is not supported; this daemon speaks"
-                f" {PROTOCOL_VERSION}", hint="use a jobctl of the same release as the daemon"))
+            await conn.error(
+                request.id,
+                ProtocolError(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"protocol version {version!r} is not supported; this daemon speaks"
+                    f" {PROTOCOL_VERSION}",
+                    hint="use a jobctl of the same release as the daemon",
+                ),
+            )
             return
         conn.hello = True
         roles = [r.name.lower() for r in Role if Role.NONE < r <= conn.role]
-        await conn.send({"id": request.id, "result": {
-            "protocol": PROTOCOL_VERSION, "server": f"jobd {__version__}",
-            "pid": os.getpid(), "uid": conn.peer.uid, "roles": roles}})
+        await conn.send(
+            {
+                "id": request.id,
+                "result": {
+                    "protocol": PROTOCOL_VERSION,
+                    "server": f"jobd {__version__}",
+                    "pid": os.getpid(),
+                    "uid": conn.peer.uid,
+                    "roles": roles,
+                },
+            }
+        )
 
     async def _dispatch(self, conn: Connection, request: Request) -> None:
         try:
             handler = HANDLERS.get(request.method)
             needed = METHODS.get(request.method)
             if handler is None or needed is None:
-                raise ProtocolError(ErrorCode.UNKNOWN_METHOD,
-                                    f"unknown method {request.method!r}",
-                                    hint=f"methods: {', '.join(sorted(METHODS))}")
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_METHOD,
+                    f"unknown method {request.method!r}",
+                    hint=f"methods: {', '.join(sorted(METHODS))}",
+                )
             if conn.role < needed:
                 raise _forbidden(f"{request.method} needs the {needed.name.lower()} role")
             result = await handler(self, conn, request.params, request)
@@ -275,61 +319,77 @@ class Server:
         except ProtocolError as exc:
             await conn.error(request.id, exc)
         except JournalError as exc:
-            await conn.error(request.id, ProtocolError(ErrorCode.UNAVAILABLE, exc.message,
-                                                       hint=exc.hint))
+            await conn.error(
+                request.id, ProtocolError(ErrorCode.UNAVAILABLE, exc.message, hint=exc.hint)
+            )
         except Exception:
             log.exception("internal error serving %s", request.method)
-            await conn.error(request.id, ProtocolError(
-                ErrorCode.INTERNAL, f"internal error serving {request.method}",
-                hint="this is a bug in jobd; the daemon log has the traceback"))
+            await conn.error(
+                request.id,
+                ProtocolError(
+                    ErrorCode.INTERNAL,
+                    f"internal error serving {request.method}",
+                    hint="this is a bug in jobd; the daemon log has the traceback",
+                ),
+            )
         finally:
             conn.inflight -= 1
 
     # -- handlers -------------------------------------------------------------
 
-    async def handle_submit(self, conn: Connection, params: dict[str, Any],
-                            request: Request) -> Any:
+    async def handle_submit(
+        self, conn: Connection, params: dict[str, Any], request: Request
+    ) -> Any:
         new_runs = parse_submissions(params, self.config.max_batch)
         pools = self.config.pools
         for i, run in enumerate(new_runs):
             where = f"runs[{i}]" if "runs" in params else "params"
             pool = pools.get(run.pool)
             if pool is None:
-                raise invalid(f"{where}.pool: no pool named {run.pool!r}",
-                              hint=f"configured pools: {', '.join(sorted(pools))}")
+                raise invalid(
+                    f"{where}.pool: no pool named {run.pool!r}",
+                    hint=f"configured pools: {', '.join(sorted(pools))}",
+                )
             is_call = run.spec.kind is Kind.CALL
             if is_call and pool.kind != "thread":
                 threads = [p.name for p in pools.values() if p.kind == "thread"] or ["none"]
-                raise invalid(f"{where}: pool {run.pool!r} runs commands; callables need a"
-                              f" pool of kind \"thread\"", hint=f"thread pools: {', '.join(threads)}")
+                raise invalid(
+                    f"{where}: pool {run.pool!r} runs commands; callables need a"
+                    f' pool of kind "thread"',
+                    hint=f"thread pools: {', '.join(threads)}",
+                )
             if not is_call and pool.kind != "process":
-                raise invalid(f"{where}: pool {run.pool!r} runs Python callables; commands"
-                              " need a pool of kind \"process\"")
+                raise invalid(
+                    f"{where}: pool {run.pool!r} runs Python callables; commands"
+                    ' need a pool of kind "process"'
+                )
             if is_call and conn.role < Role.ADMIN:
-                raise _forbidden("ad-hoc Python callables run inside the daemon: admins only",
-                                 hint="ask an admin to submit it")
+                raise _forbidden(
+                    "ad-hoc Python callables run inside the daemon: admins only",
+                    hint="ask an admin to submit it",
+                )
         ids = await self.daemon.submit(new_runs, conn.peer.uid, conn.peer.pid)
         if "runs" in params:
             return {"ids": ids}
         return {"id": ids[0], "state": State.QUEUED.value}
 
-    async def handle_get(self, conn: Connection, params: dict[str, Any],
-                         request: Request) -> Any:
+    async def handle_get(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
         run_id = run_id_param(params)
         run = await trio.to_thread.run_sync(self.daemon.journal.get_run, run_id)
         if run is None:
             raise _not_found(run_id)
         return run
 
-    async def handle_list(self, conn: Connection, params: dict[str, Any],
-                          request: Request) -> Any:
+    async def handle_list(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
         states = params.get("state", [])
         if isinstance(states, str):
             states = [states]
         known = {s.value for s in State}
         if not isinstance(states, list) or not all(s in known for s in states):
-            raise invalid("'state' must be a state name or a list of them",
-                          hint=f"states: {', '.join(sorted(known))}")
+            raise invalid(
+                "'state' must be a state name or a list of them",
+                hint=f"states: {', '.join(sorted(known))}",
+            )
         filters: dict[str, Any] = {}
         for key in ("pool", "name", "tag"):
             value = params.get(key)
@@ -337,47 +397,62 @@ class Server:
                 raise invalid(f"'{key}' must be a string")
             filters[key] = value
         limit = params.get("limit", DEFAULT_LIST_LIMIT)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= MAX_LIST_LIMIT
+        ):
             raise invalid(f"'limit' must be an integer from 1 to {MAX_LIST_LIMIT}")
         cursor = params.get("cursor")
         before = None
         if cursor is not None:
-            if not isinstance(cursor, str) or not cursor.isdigit():
+            if not (
+                isinstance(cursor, str)
+                and cursor.isascii()
+                and cursor.isdigit()
+                and len(cursor) <= 19
+                and int(cursor) <= MAX_RUN_ID
+            ):
                 raise invalid("'cursor' must be a next_cursor value from a previous list")
             before = int(cursor)
         runs = await trio.to_thread.run_sync(
-            lambda: self.daemon.journal.list_runs(states=states, before=before,
-                                                  limit=limit + 1, **filters))
+            lambda: self.daemon.journal.list_runs(
+                states=states, before=before, limit=limit + 1, **filters
+            )
+        )
         next_cursor = str(runs[limit - 1]["id"]) if len(runs) > limit else None
         return {"runs": runs[:limit], "next_cursor": next_cursor}
 
-    async def handle_cancel(self, conn: Connection, params: dict[str, Any],
-                            request: Request) -> Any:
+    async def handle_cancel(
+        self, conn: Connection, params: dict[str, Any], request: Request
+    ) -> Any:
         ids = run_ids_param(params)
-        results = await self.daemon.cancel(ids, conn.peer.uid, conn.peer.pid,
-                                           admin=conn.role >= Role.ADMIN)
+        results = await self.daemon.cancel(
+            ids, conn.peer.uid, conn.peer.pid, admin=conn.role >= Role.ADMIN
+        )
         return {"results": {str(k): v for k, v in results.items()}}
 
-    async def handle_wait(self, conn: Connection, params: dict[str, Any],
-                          request: Request) -> Any:
+    async def handle_wait(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
         ids = run_ids_param(params)
         timeout = params.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, int | float) or timeout < 0):
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
             raise invalid("'timeout' must be a number of seconds >= 0")
         runs, timed_out = await self.daemon.wait(ids, timeout)
         missing = [i for i in ids if i not in runs]
         if missing:
-            raise RequestError(ErrorCode.NOT_FOUND,
-                               f"no run with id {', '.join(map(str, missing))}")
+            raise RequestError(
+                ErrorCode.NOT_FOUND, f"no run with id {', '.join(map(str, missing))}"
+            )
         return {"runs": [runs[i] for i in ids], "timed_out": timed_out}
 
-    async def handle_logs(self, conn: Connection, params: dict[str, Any],
-                          request: Request) -> Any:
+    async def handle_logs(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
         run_id = run_id_param(params)
         attempt = params.get("attempt")
-        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int)
-                                    or attempt < 1):
+        if attempt is not None and (
+            isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1
+        ):
             raise invalid("'attempt' must be a positive integer")
         follow = params.get("follow", False)
         if not isinstance(follow, bool):
@@ -388,8 +463,7 @@ class Server:
 
         return await self.daemon.stream_logs(run_id, attempt, follow, emit)
 
-    async def handle_stats(self, conn: Connection, params: dict[str, Any],
-                           request: Request) -> Any:
+    async def handle_stats(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
         return await self.daemon.stats()
 
 
@@ -405,13 +479,17 @@ HANDLERS: dict[str, Handler] = {
 
 
 def _forbidden(message: str, hint: str | None = None) -> RequestError:
-    return RequestError(ErrorCode.FORBIDDEN, message,
-                        hint=hint or "an admin can grant roles in the [access] table of jobd.toml")
+    return RequestError(
+        ErrorCode.FORBIDDEN,
+        message,
+        hint=hint or "an admin can grant roles in the [access] table of jobd.toml",
+    )
 
 
 def _not_found(run_id: int) -> RequestError:
-    return RequestError(ErrorCode.NOT_FOUND, f"no run with id {run_id}",
-                        hint="`jobctl ls` lists runs")
+    return RequestError(
+        ErrorCode.NOT_FOUND, f"no run with id {run_id}", hint="`jobctl ls` lists runs"
+    )
 
 
 def _replace_stale_socket(path: Path) -> None:
@@ -419,8 +497,10 @@ def _replace_stale_socket(path: Path) -> None:
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_socket():
-        raise JobdError(f"{path} exists and is not a socket",
-                        hint="remove it or choose another daemon.socket path")
+        raise JobdError(
+            f"{path} exists and is not a socket",
+            hint="remove it or choose another daemon.socket path",
+        )
     probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
     try:
         probe.connect(str(path))
@@ -432,5 +512,7 @@ def _replace_stale_socket(path: Path) -> None:
         return
     finally:
         probe.close()
-    raise JobdError(f"another daemon is listening on {path}",
-                    hint="stop it first, or give this daemon another socket path")
+    raise JobdError(
+        f"another daemon is listening on {path}",
+        hint="stop it first, or give this daemon another socket path",
+    )

@@ -75,8 +75,9 @@ class Raw:
     def send(self, method: str, params: dict[str, Any] | None = None) -> int:
         request_id = self.next_id
         self.next_id += 1
-        self.send_line(json.dumps({"id": request_id, "method": method,
-                                   "params": params or {}}).encode())
+        self.send_line(
+            json.dumps({"id": request_id, "method": method, "params": params or {}}).encode()
+        )
         return request_id
 
     def read(self) -> dict[str, Any] | None:
@@ -130,8 +131,9 @@ class DaemonProcess:
         self.logs.append(log)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([*JOBD, "--config", str(self.config)],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                [*JOBD, "--config", str(self.config)], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
         if wait:
             self.wait_ready()
 
@@ -221,5 +223,3 @@ def pid_alive(pid: int) -> bool:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
     return True
-
-

@@ -42,8 +42,14 @@ def test_command_succeeds_with_captured_output(daemon: DaemonProcess) -> None:
 
 def test_attempt_environment_and_exit_codes(daemon: DaemonProcess) -> None:
     c = daemon.raw()
-    ok = c.result("submit", {"shell": 'echo "$JOBD_RUN_ID/$JOBD_ATTEMPT/$GREETING"',
-                             "env": {"GREETING": "hello"}, "cwd": "/tmp"})["id"]
+    ok = c.result(
+        "submit",
+        {
+            "shell": 'echo "$JOBD_RUN_ID/$JOBD_ATTEMPT/$GREETING"',
+            "env": {"GREETING": "hello"},
+            "cwd": "/tmp",
+        },
+    )["id"]
     bad = c.result("submit", {"shell": "echo oops >&2; exit 3"})["id"]
     missing = c.result("submit", {"command": ["/nonexistent/binary"]})["id"]
     runs = wait_all(c, [ok, bad, missing])
@@ -58,8 +64,9 @@ def test_attempt_environment_and_exit_codes(daemon: DaemonProcess) -> None:
 def test_callables_run_in_thread_pool_with_context(daemon: DaemonProcess) -> None:
     c = daemon.raw()
     good = c.result("submit", {"call": "jobd.demo:whoami", "pool": "python"})["id"]
-    failing = c.result("submit", {"call": "jobd.demo:fail", "pool": "python",
-                                  "kwargs": {"message": "boom"}})["id"]
+    failing = c.result(
+        "submit", {"call": "jobd.demo:fail", "pool": "python", "kwargs": {"message": "boom"}}
+    )["id"]
     unimportable = c.result("submit", {"call": "no.such.module:fn", "pool": "python"})["id"]
     runs = wait_all(c, [good, failing, unimportable])
     assert runs[good]["state"] == "succeeded"
@@ -71,27 +78,37 @@ def test_callables_run_in_thread_pool_with_context(daemon: DaemonProcess) -> Non
     assert "RuntimeError: boom" in c.read()["event"]["data"]  # type: ignore[index]
 
 
-def test_priority_order_within_a_pool(daemon_factory: type[DaemonProcess],
-                                      workdir: Path) -> None:
-    d = daemon_factory("[pools.single]\nkind = \"process\"\nworkers = 1\n")
+def test_priority_order_within_a_pool(daemon_factory: type[DaemonProcess], workdir: Path) -> None:
+    d = daemon_factory('[pools.single]\nkind = "process"\nworkers = 1\n')
     d.start()
     c = d.raw()
     go, order = workdir / "go", workdir / "order"
     first = c.result("submit", {"command": blocker(go), "pool": "single"})["id"]
     wait_for(lambda: c.result("get", {"id": first})["state"] == "running", "blocker to run")
     ids = []
-    for label, priority in [("low1", "low"), ("normal1", "normal"), ("crit", "critical"),
-                            ("low2", "low"), ("high", 100), ("normal2", 0)]:
-        ids.append(c.result("submit", {"shell": f"echo {label} >> {order}", "pool": "single",
-                                       "priority": priority})["id"])
+    for label, priority in [
+        ("low1", "low"),
+        ("normal1", "normal"),
+        ("crit", "critical"),
+        ("low2", "low"),
+        ("high", 100),
+        ("normal2", 0),
+    ]:
+        ids.append(
+            c.result(
+                "submit",
+                {"shell": f"echo {label} >> {order}", "pool": "single", "priority": priority},
+            )["id"]
+        )
     go.touch()
     runs = wait_all(c, [first, *ids])
     assert all(r["state"] == "succeeded" for r in runs.values())
     assert order.read_text().split() == ["crit", "high", "normal1", "normal2", "low1", "low2"]
 
 
-def test_cancel_queued_and_running_kills_the_process_group(daemon: DaemonProcess,
-                                                            workdir: Path) -> None:
+def test_cancel_queued_and_running_kills_the_process_group(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
     c = daemon.raw()
     pidfile = workdir / "grandchild.pid"
     # The shell starts a grandchild that ignores nothing special; both must die.
@@ -114,7 +131,7 @@ def test_cancel_queued_and_running_kills_the_process_group(daemon: DaemonProcess
 
 def test_sigkill_mid_way_loses_no_acknowledged_run(daemon_factory: type[DaemonProcess]) -> None:
     """The issue's acceptance test: 1,000 runs over two pools, SIGKILL mid-way, restart."""
-    d = daemon_factory("[pools.cmd]\nkind = \"process\"\nworkers = 4\n")
+    d = daemon_factory('[pools.cmd]\nkind = "process"\nworkers = 4\n')
     d.start()
     c = d.raw()
     acknowledged: list[int] = []
@@ -129,8 +146,9 @@ def test_sigkill_mid_way_loses_no_acknowledged_run(daemon_factory: type[DaemonPr
         acknowledged += c.result("submit", {"runs": runs})["ids"]
         if batch == 5:
             # Kill while runs of both pools are in flight and more are queued.
-            wait_for(lambda: c.result("stats")["states"].get("succeeded", 0) > 50,
-                     "some runs to finish")
+            wait_for(
+                lambda: c.result("stats")["states"].get("succeeded", 0) > 50, "some runs to finish"
+            )
             break
     d.kill()
     assert len(acknowledged) == 600
@@ -158,13 +176,18 @@ def test_sigkill_mid_way_loses_no_acknowledged_run(daemon_factory: type[DaemonPr
 
 
 def test_leftover_process_of_a_lost_attempt_is_killed_before_retry(
-        daemon: DaemonProcess, workdir: Path) -> None:
+    daemon: DaemonProcess, workdir: Path
+) -> None:
     c = daemon.raw()
     marker = workdir / "starts"
     pidfile = workdir / "pid"
-    run_id = c.result("submit", {
-        "shell": f"echo $JOBD_ATTEMPT >> {marker}; [ $JOBD_ATTEMPT -gt 1 ] && exit 0;"
-                 f" sleep 300 & echo $! > {pidfile}; wait"})["id"]
+    run_id = c.result(
+        "submit",
+        {
+            "shell": f"echo $JOBD_ATTEMPT >> {marker}; [ $JOBD_ATTEMPT -gt 1 ] && exit 0;"
+            f" sleep 300 & echo $! > {pidfile}; wait"
+        },
+    )["id"]
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the first attempt")
     survivor = int(pidfile.read_text())
     daemon.kill()
@@ -180,7 +203,8 @@ def test_leftover_process_of_a_lost_attempt_is_killed_before_retry(
 
 
 def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
-        daemon: DaemonProcess, workdir: Path) -> None:
+    daemon: DaemonProcess, workdir: Path
+) -> None:
     c = daemon.raw()
     release = workdir / "release"
     short = c.result("submit", {"command": blocker(release)})["id"]
@@ -197,7 +221,7 @@ def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
     c = daemon.raw()
     assert c.result("get", {"id": short})["state"] == "succeeded"
     long_info = c.result("get", {"id": long_run})
-    assert [a["outcome"] for a in long_info["attempt_list"]][0] == "lost"
+    assert long_info["attempt_list"][0]["outcome"] == "lost"
     c.result("cancel", {"ids": [long_run]})
     wait_all(c, [long_run])
 
@@ -215,8 +239,13 @@ def test_second_sigterm_cuts_the_grace_period_short(daemon: DaemonProcess) -> No
 
 
 def test_second_daemon_on_the_same_state_dir_is_refused(daemon: DaemonProcess) -> None:
-    out = subprocess.run([*JOBD, "--config", str(daemon.config)], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [*JOBD, "--config", str(daemon.config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 1
     assert f"another jobd (pid {daemon.proc.pid})" in out.stderr  # type: ignore[union-attr]
     daemon.raw().result("stats")  # the first one is unaffected
@@ -230,8 +259,9 @@ def test_journal_from_a_newer_version_is_refused(daemon_factory: type[DaemonProc
     db.execute("PRAGMA user_version = 99")
     db.close()
     d.write_config()
-    out = subprocess.run([*JOBD, "--config", str(d.config)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [*JOBD, "--config", str(d.config)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1
     assert "schema version 99" in out.stderr and "hint:" in out.stderr
 
@@ -242,8 +272,9 @@ def test_bad_configuration_or_state_dir_gives_a_clear_error(workdir: Path, probl
     if problem == "file-in-the-way":
         blocker_file = workdir / "notadir"
         blocker_file.write_text("")
-        config.write_text(f'[daemon]\nstate_dir = "{blocker_file}/state"\n'
-                          f'socket = "{workdir}/s.sock"\n')
+        config.write_text(
+            f'[daemon]\nstate_dir = "{blocker_file}/state"\nsocket = "{workdir}/s.sock"\n'
+        )
         expected = "cannot create"
     elif problem == "invalid-toml":
         config.write_text("[daemon\nstate_dir = 1\n")
@@ -251,16 +282,18 @@ def test_bad_configuration_or_state_dir_gives_a_clear_error(workdir: Path, probl
     else:
         config.write_text('[daemon]\nsynchronous = "sometimes"\n[pools.p]\nworkers = 0\n')
         expected = "pools.p.workers"
-    out = subprocess.run([*JOBD, "--config", str(config)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [*JOBD, "--config", str(config)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1
     assert expected in out.stderr
     if problem == "bad-value":
         assert "daemon.synchronous" in out.stderr  # every problem reported at once
 
 
-def test_stale_socket_is_replaced_and_non_socket_refused(daemon_factory: type[DaemonProcess]
-                                                         ) -> None:
+def test_stale_socket_is_replaced_and_non_socket_refused(
+    daemon_factory: type[DaemonProcess],
+) -> None:
     d = daemon_factory()
     d.start()
     d.kill()
@@ -268,7 +301,8 @@ def test_stale_socket_is_replaced_and_non_socket_refused(daemon_factory: type[Da
     d.start()  # replaced
     d.stop()
     d.socket.write_text("not a socket")
-    out = subprocess.run([*JOBD, "--config", str(d.config)], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [*JOBD, "--config", str(d.config)], check=False, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1 and "is not a socket" in out.stderr
     assert os.path.isfile(d.socket)

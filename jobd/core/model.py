@@ -31,9 +31,7 @@ class State(enum.StrEnum):
         return self in TERMINAL
 
 
-TERMINAL = frozenset(
-    {State.SUCCEEDED, State.FAILED, State.DEAD, State.CANCELLED, State.SKIPPED}
-)
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.DEAD, State.CANCELLED, State.SKIPPED})
 ACTIVE = frozenset(State) - TERMINAL
 
 

@@ -17,6 +17,7 @@ until the call returns (DESIGN.md, "Timeouts").
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -152,7 +153,9 @@ class Scheduler:
                 submitted_at=now,
             )
             effects.append(
-                Created(run_id, new.spec, new.pool, new.priority, new.name, new.tags, new.owner, now)
+                Created(
+                    run_id, new.spec, new.pool, new.priority, new.name, new.tags, new.owner, now
+                )
             )
             self._enqueue(run)
 
@@ -179,11 +182,12 @@ class Scheduler:
             run = runs.get(result.run_id)
             if run is None or run.state is not State.RUNNING or run.attempts != result.attempt:
                 continue  # stale report (cannot happen unless an executor misbehaves)
+            recorded = result
             if run.cancel_requested:
                 state = State.CANCELLED
                 reason: str | None = "cancelled while running"
                 if result.outcome is not Outcome.SUCCEEDED:
-                    result = _with_outcome(result, Outcome.CANCELLED)
+                    recorded = _with_outcome(result, Outcome.CANCELLED)
             elif result.outcome is Outcome.SUCCEEDED:
                 state, reason = State.SUCCEEDED, None
             else:
@@ -191,7 +195,7 @@ class Scheduler:
             run.state = state
             self.pools[run.pool].running -= 1
             del runs[run.id]
-            effects.append(Ended(result, state, reason))
+            effects.append(Ended(recorded, state, reason))
 
     def _pool_of_held(self, run_id: int) -> PoolState:
         return self.pools[self._held_pools.pop(run_id)]
@@ -222,8 +226,13 @@ class Scheduler:
                 self._held.add((run_id, run.attempts))
                 self._held_pools[run_id] = run.pool
                 del self.runs[run_id]
-                result = Result(run_id, run.attempts, Outcome.CANCELLED, now,
-                                error="cancelled while running; the call was left to return")
+                result = Result(
+                    run_id,
+                    run.attempts,
+                    Outcome.CANCELLED,
+                    now,
+                    error="cancelled while running; the call was left to return",
+                )
                 effects.append(Ended(result, State.CANCELLED, "cancelled while running"))
                 # Lets the executor skip the call if no thread has taken it yet.
                 effects.append(Kill(run_id, run.attempts))
@@ -245,8 +254,13 @@ class Scheduler:
             if run.state is State.RUNNING:
                 # Interrupted by a crash: close the attempt as lost, kill what is
                 # left of it, then re-queue (at-least-once) or give up.
-                lost = Result(run.id, run.attempts, Outcome.LOST, now,
-                              error="the daemon stopped while this attempt ran")
+                lost = Result(
+                    run.id,
+                    run.attempts,
+                    Outcome.LOST,
+                    now,
+                    error="the daemon stopped while this attempt ran",
+                )
                 effects.append(KillLeftovers(run.id, run.attempts))
                 if run.lost >= MAX_LOST_REQUEUES:
                     reason = f"attempt {run.attempts} lost; already re-queued {run.lost}x"
@@ -255,9 +269,15 @@ class Scheduler:
                 effects.append(Ended(lost, None))
                 run.lost += 1
                 run.state = State.QUEUED
-                effects.append(StateChanged(run.id, State.QUEUED, now,
-                                            f"re-queued after attempt {run.attempts} was lost",
-                                            lost=run.lost))
+                effects.append(
+                    StateChanged(
+                        run.id,
+                        State.QUEUED,
+                        now,
+                        f"re-queued after attempt {run.attempts} was lost",
+                        lost=run.lost,
+                    )
+                )
             if run.state is State.QUEUED:
                 self._enqueue(run)
 
@@ -289,5 +309,4 @@ class Scheduler:
 
 
 def _with_outcome(result: Result, outcome: Outcome) -> Result:
-    return Result(result.run_id, result.attempt, outcome, result.ended_at,
-                  result.exit_code, result.error, result.output)
+    return dataclasses.replace(result, outcome=outcome)
