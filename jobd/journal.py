@@ -176,8 +176,6 @@ class Journal:
         self._readers_lock = threading.Lock()
         self._db = self._open_writer()
         self.instance = self._meta("instance")
-        #: test hook: raise this instead of committing (simulates disk full)
-        self.fail_commits_with: apsw.Error | None = None
 
     @_translate("cannot open the journal")
     def _open_writer(self) -> apsw.Connection:
@@ -221,8 +219,6 @@ class Journal:
         """Write effects and audit entries in one transaction. Raises JournalError."""
         db = self._db
         try:
-            if self.fail_commits_with is not None:
-                raise self.fail_commits_with
             with db:
                 for kind, group in groupby(effects, type):
                     _writer_for(kind)(db, list(group))
@@ -237,6 +233,8 @@ class Journal:
     # -- reads (any thread; each thread has its own connection) ------------
 
     def _reader(self) -> apsw.Connection:
+        if self.path == ":memory:":
+            return self._db  # one private database: tests and tools only
         db: apsw.Connection | None = getattr(self._local, "db", None)
         if db is None:
             db = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)

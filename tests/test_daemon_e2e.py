@@ -306,3 +306,26 @@ def test_stale_socket_is_replaced_and_non_socket_refused(
     )
     assert out.returncode == 1 and "is not a socket" in out.stderr
     assert os.path.isfile(d.socket)
+
+
+def test_logs_follow_streams_until_the_run_ends(daemon: DaemonProcess, workdir: Path) -> None:
+    c = daemon.raw()
+    go = workdir / "go"
+    script = f'echo first; while [ ! -e "{go}" ]; do sleep 0.02; done; echo second'
+    run_id = c.result("submit", {"shell": script})["id"]
+    wait_for(lambda: c.result("get", {"id": run_id})["state"] == "running", "it to run")
+    request_id = c.send("logs", {"id": run_id, "follow": True})
+    received = ""
+    while "first" not in received:
+        reply = c.read()
+        assert reply is not None and reply["id"] == request_id and "event" in reply, reply
+        received += reply["event"]["data"]
+    go.touch()
+    while True:
+        reply = c.read()
+        assert reply is not None and reply["id"] == request_id
+        if "result" in reply:
+            break
+        received += reply["event"]["data"]
+    assert received == "first\nsecond\n"
+    assert reply["result"] == {"id": run_id, "attempt": 1, "state": "succeeded"}
