@@ -33,6 +33,7 @@ DEFAULT_WORKERS = 4  # slots of a pool that does not say
 DEFAULT_THREAD_PREFETCH = 64  # runs per worker thread
 DEFAULT_PROCESS_PREFETCH = 0  # runs per worker
 POOL_KINDS = ("process", "thread")
+MAX_DURATION = 366 * 86400.0  # seconds; longer (or inf) is a mistake, not a setting
 SOCKET_PATH_MAX = 107  # bytes; sun_path is 108 including the NUL
 
 # The embedded configuration of `jobd --dev` / `make run`: unprivileged paths
@@ -126,7 +127,8 @@ def _table(c: _Collector, data: Mapping[str, Any], key: str) -> Mapping[str, Any
 def _unknown(c: _Collector, table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
     for key in table:
         if key not in known:
-            c.add(f"{prefix}.{key}", f"unknown key; known keys: {', '.join(sorted(known))}")
+            path = f"{prefix}.{key}" if prefix else key
+            c.add(path, f"unknown key; known keys: {', '.join(sorted(known))}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,12 +144,18 @@ class _Section:
 
     def duration(self, key: str, default: float) -> float:
         value = self.table.get(key, default)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        if (
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and 0 <= value < MAX_DURATION
+        ):
             return float(value)
         if isinstance(value, str):
             match = _DURATION_RE.match(value)
             if match:
-                return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                if seconds < MAX_DURATION:
+                    return seconds
         self.problem(
             key, f'expected a duration such as 10, "10s", "500ms" or "2m", found {value!r}'
         )

@@ -320,12 +320,17 @@ class Daemon:
             self._waiters.setdefault(run_id, []).append(waiter)
         try:
             summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
+            active = False
             for run_id in ids:
                 summary = summaries.get(run_id)
                 if summary is None or State(summary["state"]).terminal:
                     waiter.remaining.discard(run_id)
+                else:
+                    active = True
             timed_out = False
-            if waiter.remaining:
+            if active:
+                # Read again even if the waiter emptied during the first read: a run
+                # that ended meanwhile must not be reported with its stale state.
                 with trio.move_on_after(seconds if seconds is not None else float("inf")):
                     await waiter.done.wait()
                 timed_out = bool(waiter.remaining)
@@ -388,6 +393,7 @@ class Daemon:
         states = await trio.to_thread.run_sync(self.journal.count_by_state)
         c = self.config
         kinds = {p.name: p.kind for p in c.pools.values()}
+        workers = {p.name: p.workers for p in c.pools.values()}
         w = self.writer.statistics()
         return {
             "daemon": {
@@ -407,7 +413,8 @@ class Daemon:
                 {
                     "name": p.name,
                     "kind": kinds.get(p.name, "unconfigured"),
-                    "workers": p.workers,
+                    "workers": workers.get(p.name, 0),
+                    "capacity": p.workers,  # workers + prefetch: runs that may be running
                     "queued": p.queued,
                     "running": p.running,
                     "held": p.held,

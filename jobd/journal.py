@@ -36,7 +36,15 @@ from typing import Any
 import apsw
 import trio
 
-from jobd.core.effects import Created, Effect, Ended, PidRecorded, Started, StateChanged
+from jobd.core.effects import (
+    CancelRequested,
+    Created,
+    Effect,
+    Ended,
+    PidRecorded,
+    Started,
+    StateChanged,
+)
 from jobd.core.model import ACTIVE, Run, Spec, State
 from jobd.errors import JournalError, JournalLockedError, JournalVersionError
 
@@ -64,7 +72,8 @@ MIGRATIONS: list[str] = [
         submitted_at REAL NOT NULL,       -- unix time
         updated_at   REAL NOT NULL,
         attempts     INTEGER NOT NULL DEFAULT 0,
-        lost         INTEGER NOT NULL DEFAULT 0,
+        lost         INTEGER NOT NULL DEFAULT 0,  -- attempts lost to a daemon crash
+        cancel_requested INTEGER NOT NULL DEFAULT 0,  -- cancelled while running
         exit_code    INTEGER,
         reason       TEXT
     );
@@ -252,7 +261,7 @@ class Journal:
         marks = ",".join("?" * len(states))
         rows = db.execute(
             f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
-            f" attempts, lost FROM runs WHERE state IN ({marks}) ORDER BY id",
+            f" attempts, lost, cancel_requested FROM runs WHERE state IN ({marks}) ORDER BY id",
             states,
         ).fetchall()
         runs = [
@@ -268,6 +277,7 @@ class Journal:
                 submitted_at=r[8],
                 attempts=r[9],
                 lost=r[10],
+                cancel_requested=bool(r[11]),
             )
             for r in rows
         ]
@@ -503,6 +513,13 @@ def _write_state_changed(db: apsw.Connection, effects: list[StateChanged]) -> No
     )
 
 
+def _write_cancel_requested(db: apsw.Connection, effects: list[CancelRequested]) -> None:
+    db.executemany(
+        "UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
+        [(e.at, e.run_id) for e in effects],
+    )
+
+
 def _write_pid(db: apsw.Connection, effects: list[PidRecorded]) -> None:
     db.executemany(
         "UPDATE attempts SET pid = ? WHERE run_id = ? AND attempt = ?",
@@ -519,6 +536,7 @@ _WRITERS: dict[type, Callable[[apsw.Connection, list[Any]], None]] = {
     Started: _write_started,
     Ended: _write_ended,
     StateChanged: _write_state_changed,
+    CancelRequested: _write_cancel_requested,
     PidRecorded: _write_pid,
 }
 

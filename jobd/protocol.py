@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,8 +83,10 @@ class LineBuffer:
         self.max_line = max_line
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> Iterator[bytes]:
+    def feed(self, data: bytes) -> list[bytes]:
+        """The complete lines ``data`` finishes; the rest is kept for the next call."""
         self._buf += data
+        lines: list[bytes] = []
         start = 0
         while True:
             end = self._buf.find(b"\n", start)
@@ -92,11 +94,12 @@ class LineBuffer:
                 break
             if end - start > self.max_line:
                 raise _too_large(self.max_line)
-            yield bytes(self._buf[start:end])
+            lines.append(bytes(self._buf[start:end]))
             start = end + 1
         del self._buf[:start]
         if len(self._buf) > self.max_line:
             raise _too_large(self.max_line)
+        return lines
 
     @property
     def pending(self) -> int:
@@ -123,6 +126,14 @@ class Request:
 _SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _finite_float(text: str) -> float:
+    """1e400 would become an infinite timeout, and Infinity in replies: refuse it."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} is too large")
+    return value
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -141,7 +152,7 @@ def _unencodable(message: Any) -> str | None:
 def parse_request(line: bytes) -> Request:
     """Decode one request line or raise ProtocolError (``invalid_json``/``invalid_request``)."""
     try:
-        message = json.loads(line, parse_constant=_reject_constant)
+        message = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
     if _SURROGATE_ESCAPE_RE.search(line):  # rare: check the decoded text properly
@@ -261,11 +272,13 @@ def parse_submission(data: Any, where: str = "params") -> NewRun:
     except ValueError as exc:
         raise invalid(f"{where}.priority: {exc}") from None
     name = data.get("name")
-    if name is not None and (not isinstance(name, str) or not name or len(name) > 200):
-        raise invalid(f"{where}.name: must be a string of 1 to 200 characters")
+    if name is not None and (
+        not isinstance(name, str) or not name or len(name) > 200 or "\0" in name
+    ):
+        raise invalid(f"{where}.name: must be a string of 1 to 200 characters (no NUL)")
     tags = data.get("tags", [])
     if not isinstance(tags, list) or not all(
-        isinstance(t, str) and t and len(t) <= 100 for t in tags
+        isinstance(t, str) and t and len(t) <= 100 and "\0" not in t for t in tags
     ):
         raise invalid(f"{where}.tags: must be a list of short non-empty strings")
     spec = Spec(kind, command, shell, call, args, kwargs, env, cwd)

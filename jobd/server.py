@@ -106,19 +106,19 @@ class Connection:
     closed: bool = False
 
     async def send(self, message: dict[str, Any]) -> None:
+        await self.send_line(encode(message))
+
+    async def send_line(self, line: bytes) -> None:
         if self.closed:
             return
         try:
             async with self.send_lock:
-                await self.stream.send_all(encode(message))
+                await self.stream.send_all(line)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.closed = True  # the client went away; nothing to do
 
     async def error(self, request_id: Any, exc: ProtocolError) -> None:
-        err: dict[str, Any] = {"code": exc.code, "message": exc.message}
-        if exc.hint:
-            err["hint"] = exc.hint
-        await self.send({"id": request_id, "error": err})
+        await self.send_line(_error_line(request_id, exc))
 
 
 Handler = Callable[["Server", Connection, dict[str, Any], Request], Awaitable[Any]]
@@ -231,7 +231,7 @@ class Server:
             if not data:
                 return
             try:
-                lines = list(buffer.feed(data))
+                lines = buffer.feed(data)
             except ProtocolError as exc:
                 await conn.error(None, exc)
                 return
@@ -304,6 +304,14 @@ class Server:
 
     async def _dispatch(self, conn: Connection, request: Request) -> None:
         try:
+            line = await self._answer(conn, request)
+        finally:
+            conn.inflight -= 1  # free the slot before the client can see the answer
+        await conn.send_line(line)
+
+    async def _answer(self, conn: Connection, request: Request) -> bytes:
+        """The reply line to a request (streaming methods send their events themselves)."""
+        try:
             handler = HANDLERS.get(request.method)
             needed = METHODS.get(request.method)
             if handler is None or needed is None:
@@ -315,16 +323,16 @@ class Server:
             if conn.role < needed:
                 raise _forbidden(f"{request.method} needs the {needed.name.lower()} role")
             result = await handler(self, conn, request.params, request)
-            await conn.send({"id": request.id, "result": result})
+            return encode({"id": request.id, "result": result})
         except ProtocolError as exc:
-            await conn.error(request.id, exc)
+            return _error_line(request.id, exc)
         except JournalError as exc:
-            await conn.error(
+            return _error_line(
                 request.id, ProtocolError(ErrorCode.UNAVAILABLE, exc.message, hint=exc.hint)
             )
         except Exception:
             log.exception("internal error serving %s", request.method)
-            await conn.error(
+            return _error_line(
                 request.id,
                 ProtocolError(
                     ErrorCode.INTERNAL,
@@ -332,8 +340,6 @@ class Server:
                     hint="this is a bug in jobd; the daemon log has the traceback",
                 ),
             )
-        finally:
-            conn.inflight -= 1
 
     # -- handlers -------------------------------------------------------------
 
@@ -476,6 +482,13 @@ HANDLERS: dict[str, Handler] = {
     "wait": Server.handle_wait,
     "stats": Server.handle_stats,
 }
+
+
+def _error_line(request_id: Any, exc: ProtocolError) -> bytes:
+    err: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.hint:
+        err["hint"] = exc.hint
+    return encode({"id": request_id, "error": err})
 
 
 def _forbidden(message: str, hint: str | None = None) -> RequestError:

@@ -21,8 +21,9 @@ def wait_all(conn: Raw, ids: list[int], timeout: float = 60) -> dict[int, dict]:
 
 
 def blocker(path: Path) -> list[str]:
-    """A command that runs until ``path`` exists (no timing assumptions)."""
-    return ["sh", "-c", f'while [ ! -e "{path}" ]; do sleep 0.02; done']
+    """A command that runs until ``path`` exists (no timing assumptions), or its
+    directory is removed, so a failed test leaves no process behind."""
+    return ["sh", "-c", f'while [ ! -e "{path}" ] && [ -d "{path.parent}" ]; do sleep 0.02; done']
 
 
 def test_command_succeeds_with_captured_output(daemon: DaemonProcess) -> None:
@@ -211,7 +212,8 @@ def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
     long_run = c.result("submit", {"command": ["sleep", "300"], "pool": "default"})["id"]
     wait_for(lambda: c.result("stats")["pools"][0]["running"] == 2, "both to run")
     daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    # New work is refused while draining; the connection may also just close.
+    wait_for(lambda: "shutting down" in daemon.log_text(), "the shutdown to begin")
+    # New work is refused while draining, on connections that were open.
     reply = c.request("submit", {"command": ["true"]})
     assert reply.get("error", {}).get("code") == "shutting_down", reply
     release.touch()  # the short run finishes within the grace period
@@ -311,7 +313,9 @@ def test_stale_socket_is_replaced_and_non_socket_refused(
 def test_logs_follow_streams_until_the_run_ends(daemon: DaemonProcess, workdir: Path) -> None:
     c = daemon.raw()
     go = workdir / "go"
-    script = f'echo first; while [ ! -e "{go}" ]; do sleep 0.02; done; echo second'
+    script = (
+        f'echo first; while [ ! -e "{go}" ] && [ -d "{workdir}" ]; do sleep 0.02; done; echo second'
+    )
     run_id = c.result("submit", {"shell": script})["id"]
     wait_for(lambda: c.result("get", {"id": run_id})["state"] == "running", "it to run")
     request_id = c.send("logs", {"id": run_id, "follow": True})

@@ -4,7 +4,7 @@ Effects carry immutable values only, because the journal writer serialises
 them in a worker thread while the event loop goes on mutating ``Run`` objects.
 
 Journal effects (``Created``, ``Started``, ``Ended``, ``StateChanged``,
-``PidRecorded``) are written in one group-committed transaction; action
+``CancelRequested``, ``PidRecorded``) are written in one group-committed transaction; action
 effects (``Started`` again, ``Kill``, ``KillLeftovers``) are carried out only
 after the transaction holding the effects emitted with them has committed.
 That ordering is the whole durability promise: no run starts, and no client
@@ -64,6 +64,14 @@ class StateChanged:
 
 
 @dataclass(frozen=True, slots=True)
+class CancelRequested:
+    """A running attempt is being stopped because a client cancelled its run."""
+
+    run_id: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class PidRecorded:
     """A command's process (group leader) pid, so a restart can find leftovers."""
 
@@ -88,5 +96,6 @@ class KillLeftovers:
     attempt: int
 
 
-Effect = Created | Started | Ended | StateChanged | PidRecorded | Kill | KillLeftovers
-JOURNALED = (Created, Started, Ended, StateChanged, PidRecorded)
+Effect = (
+    Created | Started | Ended | StateChanged | CancelRequested | PidRecorded | Kill | KillLeftovers
+)

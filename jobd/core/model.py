@@ -69,9 +69,13 @@ def priority_value(value: int | str) -> int:
         if name in PRIORITIES:
             return PRIORITIES[name]
         try:
-            return priority_value(int(name))
+            number = int(name)
         except ValueError:
             pass
+        else:
+            # Outside the try: an out-of-range "2000000" must say so, not that
+            # it is an unknown name.
+            return priority_value(number)
     names = ", ".join(PRIORITIES)
     raise ValueError(f"unknown priority {value!r}; use one of {names} or an integer")
 

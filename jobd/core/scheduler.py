@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from jobd.core.effects import (
+    CancelRequested,
     Created,
     Effect,
     Ended,
@@ -239,7 +240,10 @@ class Scheduler:
                 results[run_id] = "cancelled"
             elif run.state is State.RUNNING:
                 if not run.cancel_requested:
+                    # Journaled, so a crash before the process exits still ends
+                    # the run cancelled instead of re-queuing it.
                     run.cancel_requested = True
+                    effects.append(CancelRequested(run_id, now))
                     effects.append(Kill(run_id, run.attempts))
                 results[run_id] = "cancelling"
             else:  # pragma: no cover - no other active states exist yet
@@ -262,22 +266,19 @@ class Scheduler:
                     error="the daemon stopped while this attempt ran",
                 )
                 effects.append(KillLeftovers(run.id, run.attempts))
-                if run.lost >= MAX_LOST_REQUEUES:
-                    reason = f"attempt {run.attempts} lost; already re-queued {run.lost}x"
-                    effects.append(Ended(lost, State.FAILED, reason))
-                    continue
                 effects.append(Ended(lost, None))
                 run.lost += 1
-                run.state = State.QUEUED
-                effects.append(
-                    StateChanged(
-                        run.id,
-                        State.QUEUED,
-                        now,
-                        f"re-queued after attempt {run.attempts} was lost",
-                        lost=run.lost,
+                if run.cancel_requested:
+                    state, reason = (
+                        State.CANCELLED,
+                        "cancelled; the daemon stopped before it exited",
                     )
-                )
+                elif run.lost > MAX_LOST_REQUEUES:
+                    state, reason = State.FAILED, f"attempt {run.attempts} lost ({run.lost} lost)"
+                else:
+                    state, reason = State.QUEUED, f"re-queued after attempt {run.attempts} was lost"
+                run.state = state
+                effects.append(StateChanged(run.id, state, now, reason, lost=run.lost))
             if run.state is State.QUEUED:
                 self._enqueue(run)
 

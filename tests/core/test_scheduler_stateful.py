@@ -1,0 +1,600 @@
+"""Stateful test of the scheduler core: random submits, finishes, cancels and crashes.
+
+Next to the real ``Scheduler`` the machine keeps three plain models:
+
+- a *journal* (dicts of rows) that applies the journal effects the way
+  ``jobd/journal.py`` does, and rebuilds the active runs from them the way
+  ``Journal.load_active`` does;
+- an *executor*: the attempts that are executing (started and not yet reported
+  finished), including cancelled callables that still hold their slot;
+- the pool configuration of the current daemon process.
+
+A restart throws the scheduler and the executor away (the process died; its
+threads died with it, and its processes are what ``KillLeftovers`` is for) and
+recovers a fresh scheduler from the model journal, as ``Daemon.run`` does.
+Every effect list is checked against the models; no event loop, no clock.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from jobd.core.effects import (
+    Created,
+    Effect,
+    Ended,
+    Kill,
+    KillLeftovers,
+    PidRecorded,
+    Started,
+    StateChanged,
+)
+from jobd.core.model import (
+    PRIORITIES,
+    Kind,
+    NewRun,
+    Outcome,
+    Result,
+    Run,
+    Spec,
+    State,
+    priority_value,
+)
+from jobd.core.scheduler import (
+    MAX_LOST_REQUEUES,
+    Cancel,
+    Event,
+    Finished,
+    ProcessStarted,
+    Recover,
+    Scheduler,
+    Submit,
+)
+
+POOLS = ("default", "python", "batch")
+GHOST = "ghost"  # never configured: its runs wait for workers that never come
+
+# A configuration: `default` always exists (config.py adds it), the others may not.
+WORKERS = st.fixed_dictionaries(
+    {"default": st.integers(1, 3)},
+    optional={"python": st.integers(1, 3), "batch": st.integers(1, 3)},
+)
+SPECS = st.sampled_from(
+    [
+        Spec(Kind.COMMAND, command=("true",)),
+        Spec(Kind.COMMAND, command=("sh", "-c", "exit 3"), env={"A": "1"}, cwd="/tmp"),
+        Spec(Kind.SHELL, shell="sleep 1"),
+        Spec(Kind.CALL, call="jobd.demo:add", args=(1, 2)),
+        Spec(Kind.CALL, call="jobd.demo:fail", kwargs={"why": "x"}),
+    ]
+)
+# Small integers give many ties; names give the far-apart levels.
+PRIORITY = st.one_of(
+    st.integers(-2, 2),
+    st.sampled_from(sorted(PRIORITIES)).map(priority_value),
+)
+NEW_RUNS = st.builds(
+    NewRun,
+    spec=SPECS,
+    pool=st.sampled_from((*POOLS, "default", GHOST)),
+    priority=PRIORITY,
+    name=st.sampled_from((None, "nightly")),
+    tags=st.sampled_from(((), ("a", "b"))),
+    owner=st.sampled_from((0, 1000)),
+)
+ATTEMPT_OUTCOMES = st.sampled_from((Outcome.SUCCEEDED, Outcome.FAILED, Outcome.ERROR))
+
+
+# -- the model journal ---------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """A row of the ``runs`` table."""
+
+    id: int
+    spec_json: str
+    pool: str
+    priority: int
+    name: str | None
+    tags: tuple[str, ...]
+    owner: int
+    submitted_at: float
+    state: State = State.QUEUED
+    attempts: int = 0
+    lost: int = 0
+    reason: str | None = None
+    exit_code: int | None = None
+
+    @property
+    def kind(self) -> Kind:
+        return Kind(json.loads(self.spec_json)["kind"])
+
+
+@dataclass
+class AttemptRow:
+    """A row of the ``attempts`` table."""
+
+    started_at: float
+    outcome: Outcome | None = None  # None while running
+    pid: int | None = None
+
+
+class ModelJournal:
+    """The journal's tables as dicts, written exactly as journal.py writes effects.
+
+    The assertions are the constraints the real schema enforces (primary keys)
+    plus the lifecycle the scheduler promises (only a queued run starts, only a
+    running attempt ends, only active runs change state)."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, Row] = {}
+        self.attempts: dict[tuple[int, int], AttemptRow] = {}
+        self.seq = 0  # sqlite_sequence for runs: the largest id ever inserted
+        self.transactions: list[list[Effect]] = []  # every commit, in order
+
+    def write(self, effects: list[Effect]) -> None:
+        """One group-committed transaction."""
+        if effects:
+            self.transactions.append(effects)
+        for effect in effects:
+            match effect:
+                case Created():
+                    assert effect.run_id not in self.runs, f"run id {effect.run_id} reused"
+                    assert effect.run_id > self.seq, f"run id {effect.run_id} not increasing"
+                    self.seq = effect.run_id
+                    self.runs[effect.run_id] = Row(
+                        effect.run_id,
+                        json.dumps(effect.spec.to_json()),
+                        effect.pool,
+                        effect.priority,
+                        effect.name,
+                        effect.tags,
+                        effect.owner,
+                        effect.submitted_at,
+                    )
+                case Started():
+                    key = (effect.run_id, effect.attempt)
+                    assert key not in self.attempts, f"attempt {key} started twice"
+                    row = self.runs[effect.run_id]
+                    assert row.state is State.QUEUED, f"run {row.id} started while {row.state}"
+                    assert effect.attempt == row.attempts + 1, "attempt numbers must not skip"
+                    assert effect.pool == row.pool
+                    assert json.dumps(effect.spec.to_json()) == row.spec_json
+                    self.attempts[key] = AttemptRow(effect.at)
+                    row.state, row.attempts = State.RUNNING, effect.attempt
+                case Ended(result=result):
+                    key = (result.run_id, result.attempt)
+                    attempt = self.attempts[key]
+                    assert attempt.outcome is None, f"attempt {key} ended twice"
+                    attempt.outcome = result.outcome
+                    row = self.runs[result.run_id]
+                    assert row.state is State.RUNNING, f"run {row.id} ended while {row.state}"
+                    assert row.attempts == result.attempt, "ended an attempt that is not current"
+                    if effect.state is not None:
+                        assert effect.state.terminal, f"Ended with active state {effect.state}"
+                        row.state, row.reason = effect.state, effect.reason
+                        row.exit_code = result.exit_code
+                case StateChanged():
+                    row = self.runs[effect.run_id]
+                    assert not row.state.terminal, f"run {row.id} changed after {row.state}"
+                    row.state, row.reason = effect.state, effect.reason
+                    if effect.lost is not None:
+                        row.lost = effect.lost
+                case PidRecorded():
+                    attempt = self.attempts[(effect.run_id, effect.attempt)]
+                    assert attempt.outcome is None, "pid recorded for an attempt that ended"
+                    attempt.pid = effect.pid
+                case Kill() | KillLeftovers():
+                    pass  # actions only: no journal row
+
+    def without_last_transaction(self) -> ModelJournal:
+        """The journal as it was before its last commit (the commit never happened)."""
+        journal = ModelJournal()
+        for effects in self.transactions[:-1]:
+            journal.write(effects)
+        return journal
+
+    def load_active(self) -> tuple[list[Run], int]:
+        """What ``Journal.load_active`` returns: fresh Run objects, in id order."""
+        runs = [
+            Run(
+                id=row.id,
+                spec=Spec.from_json(json.loads(row.spec_json)),
+                pool=row.pool,
+                priority=row.priority,
+                name=row.name,
+                tags=row.tags,
+                owner=row.owner,
+                state=row.state,
+                submitted_at=row.submitted_at,
+                attempts=row.attempts,
+                lost=row.lost,
+            )
+            for row in sorted(self.runs.values(), key=lambda r: r.id)
+            if not row.state.terminal
+        ]
+        return runs, self.seq + 1
+
+    def in_state(self, state: State, pool: str | None = None) -> list[Row]:
+        return [
+            row
+            for row in self.runs.values()
+            if row.state is state and (pool is None or row.pool == pool)
+        ]
+
+
+def checked(rule_body: Callable[..., None]) -> Callable[..., None]:
+    """Mark the machine unhealthy while a step runs, so that teardown does not
+    pile a second failure on top of the first one."""
+
+    @functools.wraps(rule_body)
+    def wrapper(self: SchedulerMachine, **kwargs: Any) -> None:
+        self.healthy = False
+        rule_body(self, **kwargs)
+        self.healthy = True
+
+    return wrapper
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.journal = ModelJournal()
+        self.workers: dict[str, int] = {}
+        self.scheduler = Scheduler({})
+        self.now = 1_700_000_000.0
+        self.submitted: list[int] = []
+        # The executor: attempts started and not reported finished -> their pool.
+        self.live: dict[tuple[int, int], str] = {}
+        # Attempts that got a Kill in this daemon process.
+        self.killed: set[tuple[int, int]] = set()
+        self.healthy = True
+
+    # -- driving the scheduler ----------------------------------------------------
+
+    def handle(self, event: Event) -> list[Effect]:
+        """Feed one event; check the effects, journal them and start what starts."""
+        self.now += 1.0
+        effects = self.scheduler.handle(event, self.now)
+        for i, effect in enumerate(effects):
+            if isinstance(effect, Kill):
+                key = (effect.run_id, effect.attempt)
+                row = self.journal.runs[effect.run_id]
+                assert row.state is State.RUNNING, f"Kill for run {row.id} in {row.state}"
+                assert row.attempts == effect.attempt, "Kill for an attempt that is not current"
+                assert key in self.live
+                if row.kind is Kind.CALL:
+                    # A thread cannot be stopped; a Kill for a callable only goes with
+                    # the cancel that ended its attempt (the executor may then skip a
+                    # call no thread has taken yet).
+                    assert any(
+                        isinstance(e, Ended)
+                        and (e.result.run_id, e.result.attempt) == key
+                        and e.state is State.CANCELLED
+                        for e in effects[:i]
+                    ), f"Kill for callable attempt {key} without the cancel that ended it"
+                else:
+                    assert key not in self.killed, f"Kill for {key} emitted twice"
+                    self.killed.add(key)
+            elif isinstance(effect, KillLeftovers):
+                assert isinstance(event, Recover), "KillLeftovers outside recovery"
+        self.journal.write(effects)
+        for effect in effects:
+            if isinstance(effect, Started):
+                running = {run_id for run_id, _ in self.live}
+                assert effect.run_id not in running, f"run {effect.run_id} would run twice"
+                self.live[(effect.run_id, effect.attempt)] = effect.pool
+        self.check_priority_order(effects)
+        self.check_pools()
+        return effects
+
+    def check_priority_order(self, effects: list[Effect]) -> None:
+        """Nothing that stayed queued in a pool outranks a run that started in it."""
+        for effect in effects:
+            if not isinstance(effect, Started):
+                continue
+            started = self.journal.runs[effect.run_id]
+            for row in self.journal.in_state(State.QUEUED, effect.pool):
+                assert (-row.priority, row.id) > (-started.priority, started.id), (
+                    f"run {started.id} (priority {started.priority}) started before queued"
+                    f" run {row.id} (priority {row.priority}) in pool {effect.pool}"
+                )
+
+    def check_pools(self) -> None:
+        """Limits hold, slots are never left idle while runs wait, stats add up."""
+        busy = Counter(self.live.values())
+        for pool in {*self.workers, *busy, GHOST}:
+            workers = self.workers.get(pool, 0)
+            assert busy[pool] <= workers, f"pool {pool}: {busy[pool]} busy > {workers} workers"
+            if busy[pool] < workers:
+                assert not self.journal.in_state(State.QUEUED, pool), (
+                    f"pool {pool} has a free slot and queued runs"
+                )
+        for stats in self.scheduler.statistics():
+            assert stats.workers == self.workers.get(stats.name, 0)
+            assert stats.configured == (stats.name in self.workers)
+            assert stats.running + stats.held == busy[stats.name]
+            assert stats.queued == len(self.journal.in_state(State.QUEUED, stats.name))
+            held = sum(
+                1
+                for (run_id, _), pool in self.live.items()
+                if pool == stats.name and self.journal.runs[run_id].state.terminal
+            )
+            assert stats.held == held
+
+    # -- rules ------------------------------------------------------------------------
+
+    @initialize(workers=WORKERS)
+    def configure(self, workers: dict[str, int]) -> None:
+        self.workers = workers
+        self.scheduler = Scheduler(workers)
+
+    @rule(new_runs=st.lists(NEW_RUNS, min_size=1, max_size=5))
+    @checked
+    def submit(self, new_runs: list[NewRun]) -> None:
+        first = self.journal.seq + 1
+        effects = self.handle(Submit(tuple(new_runs)))
+        created = effects[: len(new_runs)]
+        # The daemon relies on this: one Created per submission, first, in order.
+        assert all(isinstance(e, Created) for e in created)
+        assert [e.run_id for e in created] == list(range(first, first + len(new_runs)))
+        for effect, new in zip(created, new_runs, strict=True):
+            assert isinstance(effect, Created)
+            assert (effect.spec, effect.pool, effect.priority) == (new.spec, new.pool, new.priority)
+            assert (effect.name, effect.tags, effect.owner) == (new.name, new.tags, new.owner)
+        assert all(isinstance(e, Started) for e in effects[len(new_runs) :])
+        self.submitted.extend(e.run_id for e in created)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    @checked
+    def finish(self, data: st.DataObject) -> None:
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(self.live)), min_size=1, max_size=3, unique=True),
+            label="attempts",
+        )
+        results = []
+        expected: dict[tuple[int, int], tuple[State, Outcome]] = {}
+        for key in keys:
+            outcome = data.draw(ATTEMPT_OUTCOMES, label=f"outcome of {key}")
+            exit_code = {Outcome.SUCCEEDED: 0, Outcome.FAILED: 1, Outcome.ERROR: None}[outcome]
+            error = None if outcome is Outcome.SUCCEEDED else f"{outcome} on purpose"
+            results.append(Result(*key, outcome, self.now, exit_code=exit_code, error=error))
+            if self.journal.runs[key[0]].state.terminal:
+                event("finish: a cancelled callable returned")
+                continue  # it only frees its slot
+            if key in self.killed:
+                event("finish: a killed command ended")
+                cancelled = Outcome.SUCCEEDED if outcome is Outcome.SUCCEEDED else Outcome.CANCELLED
+                expected[key] = (State.CANCELLED, cancelled)
+            elif outcome is Outcome.SUCCEEDED:
+                expected[key] = (State.SUCCEEDED, Outcome.SUCCEEDED)
+            else:
+                expected[key] = (State.FAILED, outcome)
+        for key in keys:
+            self.live.pop(key, None)
+        effects = self.handle(Finished(tuple(results)))
+        ended = {(e.result.run_id, e.result.attempt): e for e in effects if isinstance(e, Ended)}
+        assert set(ended) == set(expected)
+        for key, (state, outcome) in expected.items():
+            assert ended[key].state is state
+            assert ended[key].result.outcome is outcome
+        assert all(isinstance(e, Ended | Started) for e in effects)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data(), pid=st.integers(2, 2**22))
+    @checked
+    def process_started(self, data: st.DataObject, pid: int) -> None:
+        key = data.draw(st.sampled_from(sorted(self.live)), label="attempt")
+        held = self.journal.runs[key[0]].state.terminal
+        effects = self.handle(ProcessStarted(*key, pid))
+        assert effects == ([] if held else [PidRecorded(*key, pid)])
+
+    @rule(data=st.data(), finished=st.booleans())
+    @checked
+    def stale_report(self, data: st.DataObject, finished: bool) -> None:
+        """Reports for attempts that are not executing change nothing."""
+        candidates = [key for key in self.journal.attempts if key not in self.live]
+        candidates += [(row.id, row.attempts + 1) for row in self.journal.runs.values()]
+        candidates.append((self.journal.seq + 1, 1))  # a run that does not exist
+        key = data.draw(st.sampled_from(sorted(candidates)), label="attempt")
+        if finished:
+            event: Event = Finished((Result(*key, Outcome.SUCCEEDED, self.now, exit_code=0),))
+        else:
+            event = ProcessStarted(*key, 4242)
+        assert self.handle(event) == []
+
+    @rule(data=st.data())
+    @checked
+    def cancel(self, data: st.DataObject) -> None:
+        running = self.journal.in_state(State.RUNNING)
+        groups = {
+            "queued": [r.id for r in self.journal.in_state(State.QUEUED)],
+            "running command": [r.id for r in running if r.kind is not Kind.CALL],
+            "running call": [r.id for r in running if r.kind is Kind.CALL],
+            "terminal": [r.id for r in self.journal.runs.values() if r.state.terminal],
+            "unknown": [0, self.journal.seq + 1, self.journal.seq + 50],
+        }
+        choices = sorted(name for name, ids in groups.items() if ids)
+        picks = data.draw(st.lists(st.sampled_from(choices), min_size=1, max_size=4), label="what")
+        ids = list(dict.fromkeys(data.draw(st.sampled_from(groups[g])) for g in picks))
+
+        expected_results: dict[int, str] = {}
+        expected_effects: list[tuple[type, int]] = []
+        for run_id in ids:
+            row = self.journal.runs.get(run_id)
+            if row is None or row.state.terminal:
+                expected_results[run_id] = "unknown"
+            elif row.state is State.QUEUED:
+                expected_results[run_id] = "cancelled"
+                expected_effects.append((StateChanged, run_id))
+            elif row.kind is Kind.CALL:
+                expected_results[run_id] = "cancelled"
+                expected_effects.append((Ended, run_id))
+            else:
+                expected_results[run_id] = "cancelling"
+                if (run_id, row.attempts) not in self.killed:
+                    expected_effects.append((Kill, run_id))
+        for name in picks:
+            event(f"cancel: {name}")
+        effects = self.handle(Cancel(tuple(ids)))
+        assert self.scheduler.cancel_results == expected_results
+        # Cancelling frees no slot a queued run could take (a callable keeps its
+        # slot until it returns), so nothing starts.
+        # (A Kill that follows a callable's cancel is checked in handle().)
+        calls = {r for r in ids if expected_results[r] == "cancelled"}
+        assert [
+            (type(e), _run_id(e))
+            for e in effects
+            if not (isinstance(e, Kill) and e.run_id in calls)
+        ] == expected_effects
+        for effect in effects:
+            if isinstance(effect, StateChanged | Ended):
+                assert self.journal.runs[_run_id(effect)].state is State.CANCELLED
+            if isinstance(effect, Ended):
+                assert effect.result.outcome is Outcome.CANCELLED
+
+    @rule(workers=WORKERS, before_commit=st.booleans())
+    @checked
+    def restart(self, workers: dict[str, int], before_commit: bool) -> None:
+        """The daemon dies (every attempt with it) and a new one recovers the journal.
+
+        With ``before_commit`` it dies before the last transaction committed: no
+        effect of it was carried out (nothing started, no client was answered), so
+        its submissions may vanish and its ids be handed out again."""
+        if before_commit:
+            self.journal = self.journal.without_last_transaction()
+            self.submitted = [i for i in self.submitted if i in self.journal.runs]
+        runs, next_id = self.journal.load_active()
+        interrupted = {r.id: (r.attempts, r.lost) for r in runs if r.state is State.RUNNING}
+        self.live.clear()
+        self.killed.clear()
+        self.workers = workers
+        self.scheduler = Scheduler(workers)
+        effects = self.handle(Recover(tuple(runs), next_id))
+
+        leftovers = [(e.run_id, e.attempt) for e in effects if isinstance(e, KillLeftovers)]
+        assert sorted(leftovers) == sorted((i, a) for i, (a, _) in interrupted.items())
+        assert not any(isinstance(e, Created | Kill | PidRecorded) for e in effects)
+        for run_id, (attempt, lost) in interrupted.items():
+            mine = [e for e in effects if _run_id(e) == run_id]
+            assert isinstance(mine[0], KillLeftovers), "leftovers die before anything else"
+            ended = mine[1]
+            assert isinstance(ended, Ended)
+            assert (ended.result.attempt, ended.result.outcome) == (attempt, Outcome.LOST)
+            if lost >= MAX_LOST_REQUEUES:
+                event("restart: a run lost too often failed")
+                assert ended.state is State.FAILED
+                assert len(mine) == 2
+            else:
+                event("restart: a lost run was re-queued")
+                assert ended.state is None
+                assert mine[2] == StateChanged(
+                    run_id, State.QUEUED, self.now, mine[2].reason, lost=lost + 1
+                )
+                assert all(isinstance(e, Started) for e in mine[3:])
+        for effect in effects:
+            if _run_id(effect) not in interrupted:
+                assert isinstance(effect, Started), f"unexpected {effect} at recovery"
+
+    # -- invariants ---------------------------------------------------------------
+
+    @invariant()
+    @checked
+    def nothing_lost(self) -> None:
+        """Every submitted run is active in the scheduler or terminal in the journal."""
+        active = self.scheduler.runs
+        assert set(active) <= set(self.submitted)
+        for run_id in self.submitted:
+            row = self.journal.runs[run_id]
+            if row.state.terminal:
+                assert run_id not in active, f"terminal run {run_id} still in the scheduler"
+            else:
+                assert run_id in active, f"run {run_id} ({row.state}) lost by the scheduler"
+                run = active[run_id]
+                assert (run.state, run.attempts) == (row.state, row.attempts)
+
+    @invariant()
+    @checked
+    def one_attempt_at_a_time(self) -> None:
+        runs = Counter(run_id for run_id, _ in self.live)
+        assert all(n == 1 for n in runs.values()), f"a run executes twice: {runs}"
+        for (run_id, attempt), _pool in self.live.items():
+            row = self.journal.runs[run_id]
+            if not row.state.terminal:
+                assert (row.state, row.attempts) == (State.RUNNING, attempt)
+
+    @invariant()
+    @checked
+    def lost_attempts_bounded(self) -> None:
+        lost = Counter(k[0] for k, a in self.journal.attempts.items() if a.outcome is Outcome.LOST)
+        for run_id, n in lost.items():
+            row = self.journal.runs[run_id]
+            assert n <= MAX_LOST_REQUEUES + 1, f"run {run_id} lost {n} attempts"
+            assert row.lost == min(n, MAX_LOST_REQUEUES)
+            if n > MAX_LOST_REQUEUES:
+                assert row.state is State.FAILED
+
+    @invariant()
+    @checked
+    def pools_consistent(self) -> None:
+        self.check_pools()
+
+    def teardown(self) -> None:
+        """Finish everything: every run must end terminal in the journal."""
+        if not self.healthy:
+            return  # a step failed; that failure is the one to report
+        for _ in range(2 * len(self.submitted) + 2):
+            if self.live:
+                keys = sorted(self.live)
+                results = tuple(Result(*k, Outcome.SUCCEEDED, self.now, exit_code=0) for k in keys)
+                self.live.clear()
+                self.handle(Finished(results))
+            elif self.scheduler.runs:
+                # Only runs in pools without workers can be left waiting.
+                for run in self.scheduler.runs.values():
+                    assert run.state is State.QUEUED
+                    assert self.workers.get(run.pool, 0) == 0
+                ids = tuple(self.scheduler.runs)
+                self.handle(Cancel(ids))
+                assert set(self.scheduler.cancel_results.values()) == {"cancelled"}
+            else:
+                break
+        assert not self.scheduler.runs
+        assert not self.live
+        for run_id in self.submitted:
+            assert self.journal.runs[run_id].state.terminal, f"run {run_id} never ended"
+        assert all(a.outcome is not None for a in self.journal.attempts.values())
+        for stats in self.scheduler.statistics():
+            assert (stats.queued, stats.running, stats.held) == (0, 0, 0)
+
+
+def _run_id(effect: Effect) -> int:
+    if isinstance(effect, Ended):
+        return effect.result.run_id
+    return effect.run_id
+
+
+SchedulerMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestScheduler = SchedulerMachine.TestCase
