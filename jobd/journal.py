@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import apsw
 import trio
@@ -49,6 +50,8 @@ from jobd.core.model import ACTIVE, Run, Spec, State
 from jobd.errors import JournalError, JournalLockedError, JournalVersionError
 
 log = logging.getLogger("jobd.journal")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SYNCHRONOUS = ("full", "normal")
 RETRY_BACKOFF_INITIAL = 0.1  # seconds before retrying a failed commit
@@ -115,18 +118,17 @@ class AuditEntry:
     detail: dict[str, Any]
 
 
-def _translate(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _translate(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: apsw.Error never leaves this module."""
 
-    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def inner(*args: Any, **kwargs: Any) -> Any:
+    def wrap(fn: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(fn)
+        def inner(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return fn(*args, **kwargs)
             except apsw.Error as exc:
                 raise JournalError(f"{what}: {exc}", hint=_hint_for(exc)) from exc
 
-        inner.__name__ = fn.__name__
-        inner.__doc__ = fn.__doc__
         return inner
 
     return wrap
@@ -220,7 +222,7 @@ class Journal:
 
     @property
     def schema_version(self) -> int:
-        return int(self._db.execute("PRAGMA user_version").fetchall()[0][0])
+        return int(_rows(self._db.execute("PRAGMA user_version"))[0][0])
 
     # -- writes (writer thread only) -------------------------------------
 
@@ -259,11 +261,14 @@ class Journal:
         db = self._db
         states = tuple(s.value for s in ACTIVE)
         marks = ",".join("?" * len(states))
-        rows = db.execute(
-            f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
-            f" attempts, lost, cancel_requested FROM runs WHERE state IN ({marks}) ORDER BY id",
-            states,
-        ).fetchall()
+        rows = _rows(
+            db.execute(
+                f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
+                f" attempts, lost, cancel_requested FROM runs WHERE state IN ({marks})"
+                f" ORDER BY id",
+                states,
+            )
+        )
         runs = [
             Run(
                 id=r[0],
@@ -281,8 +286,8 @@ class Journal:
             )
             for r in rows
         ]
-        seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'").fetchall()
-        return runs, (seq[0][0] + 1 if seq else 1)
+        seq = _rows(db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'"))
+        return runs, (int(seq[0][0]) + 1 if seq else 1)
 
     @_translate("cannot read the journal")
     def get_run(self, run_id: int) -> dict[str, Any] | None:
@@ -406,6 +411,11 @@ class Journal:
             self._readers.clear()
         with contextlib.suppress(apsw.Error):
             self._db.close()
+
+
+def _rows(cursor: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows as plain tuples: column types come from the schema, not from apsw's stubs."""
+    return list(cursor)
 
 
 _RUN_COLUMNS = (
