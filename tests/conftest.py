@@ -27,15 +27,16 @@ READY_DEADLINE = 30.0  # seconds a daemon may take to start answering (CI machin
 JOBD = [sys.executable, "-m", "jobd.daemon"]
 
 
-def base_config(state: Path, extra: str = "") -> str:
+def base_config(state: Path, extra: str = "", daemon_keys: str = "") -> str:
+    """``extra`` adds tables; ``daemon_keys`` replaces the grace settings of [daemon]."""
+    graces = daemon_keys or 'shutdown_grace = "5s"\nkill_grace = "2s"'
     return f"""
 [daemon]
 state_dir = "{state}"
 socket = "{state}/jobd.sock"
 socket_mode = "0600"
 synchronous = "normal"
-shutdown_grace = "5s"
-kill_grace = "2s"
+{graces}
 
 [pools.default]
 kind = "process"
@@ -107,6 +108,7 @@ class Raw:
 class DaemonProcess:
     dir: Path
     extra: str = ""
+    daemon_keys: str = ""
     proc: subprocess.Popen[bytes] | None = None
     logs: list[Path] = field(default_factory=list)
 
@@ -123,7 +125,7 @@ class DaemonProcess:
         return self.dir / "journal.db"
 
     def write_config(self) -> None:
-        self.config.write_text(base_config(self.dir, self.extra))
+        self.config.write_text(base_config(self.dir, self.extra, self.daemon_keys))
 
     def start(self, *, wait: bool = True) -> None:
         self.write_config()
@@ -180,10 +182,10 @@ def daemon_factory(workdir: Path) -> Iterator[type[DaemonProcess]]:
     started: list[DaemonProcess] = []
 
     class Factory(DaemonProcess):
-        def __init__(self, extra: str = "", sub: str = "d") -> None:
+        def __init__(self, extra: str = "", sub: str = "d", daemon_keys: str = "") -> None:
             directory = workdir / sub
             directory.mkdir(exist_ok=True)
-            super().__init__(directory, extra)
+            super().__init__(directory, extra, daemon_keys)
             started.append(self)
 
     yield Factory

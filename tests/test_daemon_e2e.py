@@ -333,3 +333,31 @@ def test_logs_follow_streams_until_the_run_ends(daemon: DaemonProcess, workdir: 
         received += reply["event"]["data"]
     assert received == "first\nsecond\n"
     assert reply["result"] == {"id": run_id, "attempt": 1, "state": "succeeded"}
+
+
+def test_a_cancel_acknowledged_before_a_crash_is_not_undone(
+    daemon_factory: type[DaemonProcess], workdir: Path
+) -> None:
+    # A long kill_grace and a job that ignores SIGTERM: the daemon dies while
+    # the run is still "cancelling". It must come back cancelled, not re-run.
+    d = daemon_factory(daemon_keys='shutdown_grace = "5s"\nkill_grace = "300s"')
+    d.start()
+    c = d.raw()
+    starts, pidfile = workdir / "starts", workdir / "pid"
+    script = (
+        f"trap '' TERM; echo $JOBD_ATTEMPT >> {starts}; echo $$ > {pidfile};"
+        f' while [ -d "{workdir}" ]; do sleep 0.02; done'
+    )
+    run_id = c.result("submit", {"shell": script})["id"]
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the attempt to start")
+    pid = int(pidfile.read_text())
+    assert c.result("cancel", {"ids": [run_id]})["results"] == {str(run_id): "cancelling"}
+    assert pid_alive(pid)  # ignores SIGTERM
+    d.kill()
+    d.start()
+    c = d.raw()
+    run = c.result("get", {"id": run_id})
+    assert run["state"] == "cancelled"
+    assert [a["outcome"] for a in run["attempt_list"]] == ["lost"]
+    assert starts.read_text().split() == ["1"]  # never started again
+    wait_for(lambda: not pid_alive(pid), "the leftover to be killed")
