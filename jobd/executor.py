@@ -184,7 +184,7 @@ class Executor:
                 return
             try:
                 run = self._call if item.spec.kind is Kind.CALL else self._spawn
-                result = run(item)
+                result = self._cancelled_before_start(item) or run(item)
             except BaseException as exc:  # never let a worker thread die
                 log.exception("executor bug while running run %d", item.run_id)
                 result = Result(
@@ -196,20 +196,26 @@ class Executor:
                 )
             self._hand_back(result)
 
+    def _cancelled_before_start(self, item: Started) -> Result | None:
+        """A result if the attempt was cancelled before this worker took it."""
+        if not self._kill_requested:  # cheap check first: cancels are rare
+            return None
+        key = (item.run_id, item.attempt)
+        with self._lock:
+            if key not in self._kill_requested:
+                return None
+            self._kill_requested.discard(key)
+        return Result(
+            item.run_id,
+            item.attempt,
+            Outcome.CANCELLED,
+            time.time(),
+            error="cancelled before a worker took it",
+        )
+
     def _call(self, item: Started) -> Result:
         spec = item.spec
         key = (item.run_id, item.attempt)
-        if self._kill_requested:  # cheap check first: cancels are rare
-            with self._lock:
-                if key in self._kill_requested:
-                    self._kill_requested.discard(key)
-                    return Result(
-                        item.run_id,
-                        item.attempt,
-                        Outcome.CANCELLED,
-                        time.time(),
-                        error="cancelled before a worker took it",
-                    )
         started = time.time()
         try:
             fn = self._functions.get(spec.call) or self._resolve(spec.call)
@@ -264,16 +270,6 @@ class Executor:
         env["JOBD_ATTEMPT"] = str(item.attempt)
         env["JOBD_INSTANCE"] = self.instance
         output = self._log_path(item.run_id, item.attempt)
-        with self._lock:
-            if key in self._kill_requested:
-                self._kill_requested.discard(key)
-                return Result(
-                    item.run_id,
-                    item.attempt,
-                    Outcome.CANCELLED,
-                    time.time(),
-                    error="cancelled before the process started",
-                )
         try:
             with open(output, "wb") as out:
                 proc = subprocess.Popen(

@@ -328,29 +328,23 @@ class Journal:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Runs newest first; ``before`` is the cursor (a run id, exclusive)."""
-        where: list[str] = []
-        args: list[Any] = []
-        if states:
-            where.append(f"state IN ({','.join('?' * len(states))})")
-            args.extend(states)
-        if pool is not None:
-            where.append("pool = ?")
-            args.append(pool)
-        if name is not None:
-            where.append("name = ?")
-            args.append(name)
-        if tag is not None:
-            where.append(
+        conditions: list[tuple[str, Any]] = [
+            ("pool = ?", pool),
+            ("name = ?", name),
+            (
                 "tags IS NOT NULL AND EXISTS (SELECT 1 FROM json_each(runs.tags)"
-                " WHERE json_each.value = ?)"
-            )
-            args.append(tag)
-        if owner is not None:
-            where.append("owner = ?")
-            args.append(owner)
-        if before is not None:
-            where.append("id < ?")
-            args.append(before)
+                " WHERE json_each.value = ?)",
+                tag,
+            ),
+            ("owner = ?", owner),
+            ("id < ?", before),
+        ]
+        where = [f"state IN ({','.join('?' * len(states))})"] if states else []
+        args: list[Any] = list(states)
+        for condition, value in conditions:
+            if value is not None:
+                where.append(condition)
+                args.append(value)
         sql = f"SELECT {_RUN_COLUMNS} FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
