@@ -7,6 +7,7 @@ these pin down the exact effects of the cases that matter most.
 from __future__ import annotations
 
 from jobd.core.effects import (
+    CancelRequested,
     Created,
     Effect,
     Ended,
@@ -52,7 +53,14 @@ def stats(scheduler: Scheduler, pool: str = "default") -> tuple[int, int, int]:
     return s.queued, s.running, s.held
 
 
-def recovered_run(run_id: int, state: State, attempts: int = 0, lost: int = 0) -> Run:
+def recovered_run(
+    run_id: int,
+    state: State,
+    attempts: int = 0,
+    lost: int = 0,
+    cancel_requested: bool = False,
+) -> Run:
+    """A run as ``Journal.load_active`` rebuilds it."""
     return Run(
         id=run_id,
         spec=COMMAND,
@@ -65,6 +73,13 @@ def recovered_run(run_id: int, state: State, attempts: int = 0, lost: int = 0) -
         submitted_at=1.0,
         attempts=attempts,
         lost=lost,
+        cancel_requested=cancel_requested,
+    )
+
+
+def lost_result(run_id: int, attempt: int, at: float) -> Result:
+    return Result(
+        run_id, attempt, Outcome.LOST, at, error="the daemon stopped while this attempt ran"
     )
 
 
@@ -204,12 +219,14 @@ def test_cancelled_running_callable_holds_its_slot_until_it_returns() -> None:
     assert finish(scheduler, 1) == []  # and a duplicate report is stale
 
 
-def test_cancel_running_command_kills_once_and_ends_cancelled() -> None:
+def test_cancel_running_command_journals_the_request_kills_once_and_ends_cancelled() -> None:
     scheduler = Scheduler({"default": 1})
     scheduler.handle(Submit((new(), new())), 1.0)
-    assert scheduler.handle(Cancel((1,)), 2.0) == [Kill(1, 1)]
+    # The request is journaled in the same transaction, before the Kill is carried out.
+    assert scheduler.handle(Cancel((1,)), 2.0) == [CancelRequested(1, 2.0), Kill(1, 1)]
     assert scheduler.cancel_results == {1: "cancelling"}
-    assert scheduler.handle(Cancel((1,)), 3.0) == []  # no second Kill
+    assert scheduler.runs[1].cancel_requested
+    assert scheduler.handle(Cancel((1,)), 3.0) == []  # no second request, no second Kill
     assert scheduler.cancel_results == {1: "cancelling"}
     assert stats(scheduler) == (1, 1, 0)  # the process still holds the slot
 
@@ -238,7 +255,16 @@ def test_cancel_mixed_batch_reports_each_id() -> None:
     scheduler.handle(Submit((new(), new(), new("python", spec=CALL))), 1.0)
     finish(scheduler, 1)  # 2 starts
     scheduler.handle(Submit((new(),)), 2.0)  # 4 queued
-    scheduler.handle(Cancel((4, 2, 3, 1, 99)), 3.0)
+    effects = scheduler.handle(Cancel((4, 2, 3, 1, 99)), 3.0)
+    assert effects[:3] == [
+        StateChanged(4, State.CANCELLED, 3.0, "cancelled while queued"),
+        CancelRequested(2, 3.0),
+        Kill(2, 1),
+    ]
+    ended, kill = effects[3:]  # the callable ends at once
+    assert isinstance(ended, Ended)
+    assert (ended.result.run_id, ended.state) == (3, State.CANCELLED)
+    assert kill == Kill(3, 1)
     assert scheduler.cancel_results == {
         4: "cancelled",
         2: "cancelling",
@@ -287,10 +313,9 @@ def test_recovery_kills_leftovers_closes_the_lost_attempt_and_requeues() -> None
     scheduler = Scheduler({"default": 2})
     runs = (recovered_run(3, State.RUNNING, attempts=1), recovered_run(5, State.QUEUED))
     effects = scheduler.handle(Recover(runs, 8), 50.0)
-    lost = Result(3, 1, Outcome.LOST, 50.0, error="the daemon stopped while this attempt ran")
     assert effects == [
         KillLeftovers(3, 1),
-        Ended(lost, None),
+        Ended(lost_result(3, 1, 50.0), None),
         StateChanged(3, State.QUEUED, 50.0, "re-queued after attempt 1 was lost", lost=1),
         Started(3, 2, 50.0, "default", COMMAND),
         Started(5, 1, 50.0, "default", COMMAND),
@@ -317,19 +342,62 @@ def test_a_run_lost_twice_fails() -> None:
     run = scheduler.runs[1]
     assert (run.attempts, run.lost) == (2, 1)
 
-    # The daemon dies again during attempt 2.
+    # The daemon dies again during attempt 2: the second loss is counted too,
+    # and the run fails instead of being re-queued.
     again = Scheduler({"default": 1})
     runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1),)
     effects = again.handle(Recover(runs, 2), 9.0)
-    assert [type(e) for e in effects] == [KillLeftovers, Ended]
-    assert effects[0] == KillLeftovers(1, 2)
-    ended = effects[1]
-    assert isinstance(ended, Ended)
-    assert ended.state is State.FAILED
-    assert (ended.result.attempt, ended.result.outcome) == (2, Outcome.LOST)
-    assert ended.reason is not None and "lost" in ended.reason
+    assert effects == [
+        KillLeftovers(1, 2),
+        Ended(lost_result(1, 2, 9.0), None),
+        StateChanged(1, State.FAILED, 9.0, "attempt 2 lost (2 lost)", lost=2),
+    ]
     assert again.runs == {}
     assert stats(again) == (0, 0, 0)
+
+
+def test_a_cancel_requested_before_a_crash_ends_the_run_cancelled_at_recovery() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Submit((new(),)), 1.0)
+    assert scheduler.handle(Cancel((1,)), 2.0) == [CancelRequested(1, 2.0), Kill(1, 1)]
+
+    # The daemon dies before the process exits; the journal has the request.
+    # A free slot and a queued run: the cancelled run must not take the slot.
+    recovered = Scheduler({"default": 1})
+    runs = (
+        recovered_run(1, State.RUNNING, attempts=1, cancel_requested=True),
+        recovered_run(2, State.QUEUED),
+    )
+    effects = recovered.handle(Recover(runs, 3), 9.0)
+    assert effects == [
+        KillLeftovers(1, 1),
+        Ended(lost_result(1, 1, 9.0), None),
+        StateChanged(
+            1, State.CANCELLED, 9.0, "cancelled; the daemon stopped before it exited", lost=1
+        ),
+        Started(2, 1, 9.0, "default", COMMAND),
+    ]
+    assert 1 not in recovered.runs
+    assert stats(recovered) == (0, 1, 0)
+    # It is gone from the scheduler: a late report or cancel changes nothing.
+    assert finish(recovered, 1) == []
+    assert recovered.handle(Cancel((1,)), 10.0) == []
+    assert recovered.cancel_results == {1: "unknown"}
+
+
+def test_a_cancel_requested_before_a_second_crash_still_ends_cancelled_not_failed() -> None:
+    scheduler = Scheduler({"default": 1})
+    runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1, cancel_requested=True),)
+    effects = scheduler.handle(Recover(runs, 2), 9.0)
+    assert effects == [
+        KillLeftovers(1, 2),
+        Ended(lost_result(1, 2, 9.0), None),
+        StateChanged(
+            1, State.CANCELLED, 9.0, "cancelled; the daemon stopped before it exited", lost=2
+        ),
+    ]
+    assert scheduler.runs == {}
+    assert stats(scheduler) == (0, 0, 0)
 
 
 def test_recovery_never_lowers_next_id() -> None:

@@ -3,8 +3,8 @@
 Next to the real ``Scheduler`` the machine keeps three plain models:
 
 - a *journal* (dicts of rows) that applies the journal effects the way
-  ``jobd/journal.py`` does, and rebuilds the active runs from them the way
-  ``Journal.load_active`` does;
+  ``jobd/journal.py`` does (including ``runs.cancel_requested``), and rebuilds
+  the active runs from them the way ``Journal.load_active`` does;
 - an *executor*: the attempts that are executing (started and not yet reported
   finished), including cancelled callables that still hold their slot;
 - the pool configuration of the current daemon process.
@@ -35,6 +35,7 @@ from hypothesis.stateful import (
 )
 
 from jobd.core.effects import (
+    CancelRequested,
     Created,
     Effect,
     Ended,
@@ -118,6 +119,7 @@ class Row:
     state: State = State.QUEUED
     attempts: int = 0
     lost: int = 0
+    cancel_requested: bool = False
     reason: str | None = None
     exit_code: int | None = None
 
@@ -139,8 +141,10 @@ class ModelJournal:
     """The journal's tables as dicts, written exactly as journal.py writes effects.
 
     The assertions are the constraints the real schema enforces (primary keys)
-    plus the lifecycle the scheduler promises (only a queued run starts, only a
-    running attempt ends, only active runs change state)."""
+    plus the lifecycle the scheduler promises (only a queued run starts, and
+    never one whose cancel was requested; only a running attempt ends; only
+    active runs change state, and a running one only once its attempt ended;
+    only a running command's cancel is requested, once)."""
 
     def __init__(self) -> None:
         self.runs: dict[int, Row] = {}
@@ -173,6 +177,7 @@ class ModelJournal:
                     assert key not in self.attempts, f"attempt {key} started twice"
                     row = self.runs[effect.run_id]
                     assert row.state is State.QUEUED, f"run {row.id} started while {row.state}"
+                    assert not row.cancel_requested, f"run {row.id} started after its cancel"
                     assert effect.attempt == row.attempts + 1, "attempt numbers must not skip"
                     assert effect.pool == row.pool
                     assert json.dumps(effect.spec.to_json()) == row.spec_json
@@ -188,14 +193,30 @@ class ModelJournal:
                     assert row.attempts == result.attempt, "ended an attempt that is not current"
                     if effect.state is not None:
                         assert effect.state.terminal, f"Ended with active state {effect.state}"
+                        assert effect.state is State.CANCELLED or not row.cancel_requested, (
+                            f"run {row.id} ended {effect.state} after its cancel was requested"
+                        )
                         row.state, row.reason = effect.state, effect.reason
                         row.exit_code = result.exit_code
                 case StateChanged():
                     row = self.runs[effect.run_id]
                     assert not row.state.terminal, f"run {row.id} changed after {row.state}"
+                    assert effect.state is not State.RUNNING, "only Started makes a run running"
+                    if row.state is State.RUNNING:
+                        current = self.attempts[(row.id, row.attempts)]
+                        assert current.outcome is not None, f"run {row.id} left an open attempt"
+                    assert effect.state is State.CANCELLED or not row.cancel_requested, (
+                        f"run {row.id} became {effect.state} after its cancel was requested"
+                    )
                     row.state, row.reason = effect.state, effect.reason
                     if effect.lost is not None:
                         row.lost = effect.lost
+                case CancelRequested():
+                    row = self.runs[effect.run_id]
+                    assert row.state is State.RUNNING, f"cancel requested for {row.state} run"
+                    assert row.kind is not Kind.CALL, "a callable's cancel ends it instead"
+                    assert not row.cancel_requested, f"run {row.id}: cancel requested twice"
+                    row.cancel_requested = True
                 case PidRecorded():
                     attempt = self.attempts[(effect.run_id, effect.attempt)]
                     assert attempt.outcome is None, "pid recorded for an attempt that ended"
@@ -225,6 +246,7 @@ class ModelJournal:
                 submitted_at=row.submitted_at,
                 attempts=row.attempts,
                 lost=row.lost,
+                cancel_requested=row.cancel_requested,
             )
             for row in sorted(self.runs.values(), key=lambda r: r.id)
             if not row.state.terminal
@@ -290,8 +312,20 @@ class SchedulerMachine(RuleBasedStateMachine):
                         for e in effects[:i]
                     ), f"Kill for callable attempt {key} without the cancel that ended it"
                 else:
+                    # A command is killed only right after its cancel is journaled
+                    # (in the same transaction), so a crash before it exits cannot
+                    # re-queue it.
                     assert key not in self.killed, f"Kill for {key} emitted twice"
+                    assert i > 0 and effects[i - 1] == CancelRequested(effect.run_id, self.now), (
+                        f"Kill for command attempt {key} without its CancelRequested"
+                    )
                     self.killed.add(key)
+            elif isinstance(effect, CancelRequested):
+                assert isinstance(event, Cancel), "CancelRequested outside a cancel"
+                row = self.journal.runs[effect.run_id]
+                assert effects[i + 1 : i + 2] == [Kill(effect.run_id, row.attempts)], (
+                    f"CancelRequested for run {effect.run_id} not followed by its Kill"
+                )
             elif isinstance(effect, KillLeftovers):
                 assert isinstance(event, Recover), "KillLeftovers outside recovery"
         self.journal.write(effects)
@@ -449,8 +483,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 expected_effects.append((Ended, run_id))
             else:
                 expected_results[run_id] = "cancelling"
-                if (run_id, row.attempts) not in self.killed:
-                    expected_effects.append((Kill, run_id))
+                if row.cancel_requested:
+                    event("cancel: a command already cancelling")
+                else:
+                    expected_effects += [(CancelRequested, run_id), (Kill, run_id)]
         for name in picks:
             event(f"cancel: {name}")
         effects = self.handle(Cancel(tuple(ids)))
@@ -469,6 +505,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert self.journal.runs[_run_id(effect)].state is State.CANCELLED
             if isinstance(effect, Ended):
                 assert effect.result.outcome is Outcome.CANCELLED
+        for run_id, result in expected_results.items():
+            if result == "cancelling":
+                row = self.journal.runs[run_id]
+                assert (row.state, row.cancel_requested) == (State.RUNNING, True)
+                assert (run_id, row.attempts) in self.killed
 
     @rule(workers=WORKERS, before_commit=st.booleans())
     @checked
@@ -482,36 +523,49 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.journal = self.journal.without_last_transaction()
             self.submitted = [i for i in self.submitted if i in self.journal.runs]
         runs, next_id = self.journal.load_active()
-        interrupted = {r.id: (r.attempts, r.lost) for r in runs if r.state is State.RUNNING}
+        # Snapshot: the scheduler takes the Run objects over and mutates them.
+        interrupted = {
+            r.id: (r.attempts, r.lost, r.cancel_requested) for r in runs if r.state is State.RUNNING
+        }
         self.live.clear()
         self.killed.clear()
         self.workers = workers
         self.scheduler = Scheduler(workers)
         effects = self.handle(Recover(tuple(runs), next_id))
 
-        leftovers = [(e.run_id, e.attempt) for e in effects if isinstance(e, KillLeftovers)]
-        assert sorted(leftovers) == sorted((i, a) for i, (a, _) in interrupted.items())
-        assert not any(isinstance(e, Created | Kill | PidRecorded) for e in effects)
-        for run_id, (attempt, lost) in interrupted.items():
-            mine = [e for e in effects if _run_id(e) == run_id]
-            assert isinstance(mine[0], KillLeftovers), "leftovers die before anything else"
-            ended = mine[1]
+        # Each interrupted run, in id order: its leftovers die, its attempt closes
+        # as lost, and the run is cancelled (a cancel was journaled), failed (lost
+        # too often) or re-queued. Only then does anything start.
+        closing = effects[: 3 * len(interrupted)]
+        assert len(closing) == 3 * len(interrupted), f"too few effects at recovery: {effects}"
+        assert all(isinstance(e, Started) for e in effects[len(closing) :])
+        for n, (run_id, (attempt, lost, cancel_requested)) in enumerate(interrupted.items()):
+            kill, ended, changed = closing[3 * n : 3 * n + 3]
+            assert kill == KillLeftovers(run_id, attempt)
             assert isinstance(ended, Ended)
-            assert (ended.result.attempt, ended.result.outcome) == (attempt, Outcome.LOST)
-            if lost >= MAX_LOST_REQUEUES:
+            assert ended.result == Result(
+                run_id, attempt, Outcome.LOST, self.now, error=ended.result.error
+            )
+            assert ended.result.error and ended.state is None
+            if cancel_requested:
+                event("restart: a run cancelled before the crash ended cancelled")
+                state = State.CANCELLED
+            elif lost + 1 > MAX_LOST_REQUEUES:
                 event("restart: a run lost too often failed")
-                assert ended.state is State.FAILED
-                assert len(mine) == 2
+                state = State.FAILED
             else:
                 event("restart: a lost run was re-queued")
-                assert ended.state is None
-                assert mine[2] == StateChanged(
-                    run_id, State.QUEUED, self.now, mine[2].reason, lost=lost + 1
-                )
-                assert all(isinstance(e, Started) for e in mine[3:])
-        for effect in effects:
-            if _run_id(effect) not in interrupted:
-                assert isinstance(effect, Started), f"unexpected {effect} at recovery"
+                state = State.QUEUED
+            assert isinstance(changed, StateChanged)
+            assert changed == StateChanged(run_id, state, self.now, changed.reason, lost=lost + 1)
+            assert changed.reason
+            row = self.journal.runs[run_id]
+            assert row.lost == lost + 1
+            if state is State.QUEUED:
+                assert row.state in (State.QUEUED, State.RUNNING)  # it may start again
+            else:
+                assert row.state is state
+                assert run_id not in self.scheduler.runs
 
     # -- invariants ---------------------------------------------------------------
 
@@ -529,6 +583,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert run_id in active, f"run {run_id} ({row.state}) lost by the scheduler"
                 run = active[run_id]
                 assert (run.state, run.attempts) == (row.state, row.attempts)
+                assert (run.lost, run.cancel_requested) == (row.lost, row.cancel_requested)
 
     @invariant()
     @checked
@@ -543,13 +598,42 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     @checked
     def lost_attempts_bounded(self) -> None:
+        """``runs.lost`` counts every lost attempt, the final one included."""
         lost = Counter(k[0] for k, a in self.journal.attempts.items() if a.outcome is Outcome.LOST)
-        for run_id, n in lost.items():
-            row = self.journal.runs[run_id]
-            assert n <= MAX_LOST_REQUEUES + 1, f"run {run_id} lost {n} attempts"
-            assert row.lost == min(n, MAX_LOST_REQUEUES)
-            if n > MAX_LOST_REQUEUES:
-                assert row.state is State.FAILED
+        for row in self.journal.runs.values():
+            n = lost[row.id]
+            assert n <= MAX_LOST_REQUEUES + 1, f"run {row.id} lost {n} attempts"
+            assert row.lost == n, f"run {row.id}: lost={row.lost} but {n} lost attempts"
+            last = self.journal.attempts.get((row.id, row.attempts))
+            if last is None or last.outcome is not Outcome.LOST:
+                assert n <= MAX_LOST_REQUEUES, f"run {row.id} went on after {n} losses"
+            elif row.cancel_requested:
+                assert row.state is State.CANCELLED, f"run {row.id} cancelled, lost: {row.state}"
+            elif n > MAX_LOST_REQUEUES:
+                assert row.state is State.FAILED, f"run {row.id} lost {n}x: {row.state}"
+            else:  # re-queued, and maybe cancelled while queued since
+                assert row.state in (State.QUEUED, State.CANCELLED)
+
+    @invariant()
+    @checked
+    def cancel_requests_journaled(self) -> None:
+        """A journaled cancel request belongs to a command that is being killed in
+        this daemon process, or that ended cancelled; it never runs again."""
+        for row in self.journal.runs.values():
+            if not row.cancel_requested:
+                continue
+            assert row.kind is not Kind.CALL, f"cancel requested for callable run {row.id}"
+            key = (row.id, row.attempts)
+            if row.state is State.RUNNING:
+                assert key in self.live and key in self.killed, f"{key}: cancel without Kill"
+            else:
+                assert row.state is State.CANCELLED, f"run {row.id} cancelled, ended {row.state}"
+                outcome = self.journal.attempts[key].outcome
+                assert outcome in (Outcome.CANCELLED, Outcome.SUCCEEDED, Outcome.LOST), outcome
+        for key in self.live:
+            row = self.journal.runs[key[0]]
+            if not row.state.terminal:
+                assert (key in self.killed) == row.cancel_requested, f"{key}: Kill vs journal"
 
     @invariant()
     @checked
