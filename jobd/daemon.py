@@ -20,8 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +44,22 @@ LOG_CHUNK = 65536  # bytes of captured output per logs event
 FOLLOW_POLL = 0.25  # seconds between reads of a growing output file (only while followed)
 
 
-@dataclass(eq=False)
 class _Waiter:
-    remaining: set[int]
-    done: trio.Event = field(default_factory=trio.Event)
+    """Wakes when every watched run has committed a terminal state."""
+
+    __slots__ = ("done", "remaining", "watched")
+
+    def __init__(self, ids: set[int]) -> None:
+        self.watched = frozenset(ids)
+        self.remaining = set(ids)
+        self.done = trio.Event()
+        if not ids:
+            self.done.set()
+
+    def discard(self, run_id: int) -> None:
+        self.remaining.discard(run_id)
+        if not self.remaining:
+            self.done.set()
 
 
 class Daemon:
@@ -248,9 +259,7 @@ class Daemon:
 
     def _notify(self, run_id: int) -> None:
         for waiter in self._waiters.pop(run_id, ()):
-            waiter.remaining.discard(run_id)
-            if not waiter.remaining:
-                waiter.done.set()
+            waiter.discard(run_id)
 
     # -- requests (called by the server) --------------------------------------
 
@@ -309,41 +318,46 @@ class Daemon:
         await batch.committed.wait()
         return {i: results[i] for i in ids}
 
+    @contextlib.contextmanager
+    def _watching(self, ids: Iterable[int]) -> Iterator[_Waiter]:
+        """A waiter woken when every run in ``ids`` has committed a terminal state."""
+        waiter = _Waiter(set(ids))
+        for run_id in waiter.remaining:
+            self._waiters.setdefault(run_id, []).append(waiter)
+        try:
+            yield waiter
+        finally:
+            for run_id in waiter.watched:
+                watchers = self._waiters.get(run_id)
+                if watchers is not None and waiter in watchers:
+                    watchers.remove(waiter)
+                    if not watchers:
+                        del self._waiters[run_id]
+
     async def wait(
         self, ids: list[int], seconds: float | None
     ) -> tuple[dict[int, dict[str, Any]], bool]:
         """Wait until every run is terminal; returns (summaries, timed_out)."""
-        # Register before reading the journal, so that a commit landing in
-        # between still reaches this waiter.
-        waiter = _Waiter(set(ids))
-        for run_id in ids:
-            self._waiters.setdefault(run_id, []).append(waiter)
-        try:
+        # Watch before reading the journal, so that a commit landing in between
+        # still reaches this waiter.
+        with self._watching(ids) as waiter:
             summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
             active = False
             for run_id in ids:
                 summary = summaries.get(run_id)
                 if summary is None or State(summary["state"]).terminal:
-                    waiter.remaining.discard(run_id)
+                    waiter.discard(run_id)
                 else:
                     active = True
-            timed_out = False
-            if active:
-                # Read again even if the waiter emptied during the first read: a run
-                # that ended meanwhile must not be reported with its stale state.
-                with trio.move_on_after(seconds if seconds is not None else float("inf")):
-                    await waiter.done.wait()
-                timed_out = bool(waiter.remaining)
-                summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
+            if not active:
+                return summaries, False
+            with trio.move_on_after(seconds if seconds is not None else float("inf")):
+                await waiter.done.wait()
+            timed_out = bool(waiter.remaining)
+            # Read again even if everything ended during the first read: a run
+            # must not be reported with its stale state.
+            summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
             return summaries, timed_out
-        finally:
-            for run_id in waiter.remaining:
-                lst = self._waiters.get(run_id)
-                if lst is not None:
-                    with contextlib.suppress(ValueError):
-                        lst.remove(waiter)
-                    if not lst:
-                        del self._waiters[run_id]
 
     async def stream_logs(
         self, run_id: int, attempt: int | None, follow: bool, emit: Callable[[str], Awaitable[None]]
@@ -375,17 +389,8 @@ class Daemon:
                     if data:
                         await emit(data.decode(errors="replace"))
                 return {"id": run_id, "attempt": chosen, "state": run["state"]}
-            waiter = _Waiter({run_id})
-            self._waiters.setdefault(run_id, []).append(waiter)
-            try:
-                with trio.move_on_after(FOLLOW_POLL):
-                    await waiter.done.wait()
-            finally:
-                lst = self._waiters.get(run_id, [])
-                if waiter in lst:
-                    lst.remove(waiter)
-                    if not lst:
-                        self._waiters.pop(run_id, None)
+            with self._watching([run_id]) as waiter, trio.move_on_after(FOLLOW_POLL):
+                await waiter.done.wait()
             run = await trio.to_thread.run_sync(self.journal.get_run, run_id)
             assert run is not None
 

@@ -361,3 +361,40 @@ def test_a_cancel_acknowledged_before_a_crash_is_not_undone(
     assert [a["outcome"] for a in run["attempt_list"]] == ["lost"]
     assert starts.read_text().split() == ["1"]  # never started again
     wait_for(lambda: not pid_alive(pid), "the leftover to be killed")
+
+
+def test_wait_wakes_when_some_runs_had_already_ended(daemon: DaemonProcess, workdir: Path) -> None:
+    # The scenario of a bug: a run already terminal when the wait began was
+    # dropped from the waiter without waking it, so the wait slept until its
+    # timeout if the other run ended during the first journal read. That window
+    # cannot be forced from outside; test_waiter_wakes_however_its_last_run_goes
+    # pins the mechanism, this test the behaviour around it.
+    c = daemon.raw()
+    done = c.result("submit", {"command": ["true"]})["id"]
+    wait_all(c, [done])
+    for _ in range(20):
+        quick = c.result("submit", {"command": ["true"]})["id"]
+        # A missed wake-up would outlast the client socket deadline and fail.
+        result = c.result("wait", {"ids": [done, quick], "timeout": 600})
+        assert not result["timed_out"]
+        assert [r["state"] for r in result["runs"]] == ["succeeded", "succeeded"]
+    go = workdir / "go"
+    slow = c.result("submit", {"command": blocker(go)})["id"]
+    request = c.send("wait", {"ids": [done, slow], "timeout": 600})
+    wait_for(lambda: c.result("get", {"id": slow})["state"] == "running", "it to run")
+    go.touch()
+    while (reply := c.read()) is not None and reply["id"] != request:
+        pass
+    assert reply is not None and not reply["result"]["timed_out"]
+
+
+def test_waiter_wakes_however_its_last_run_goes() -> None:
+    from jobd.daemon import _Waiter
+
+    for order in ([1, 2], [2, 1]):
+        waiter = _Waiter({1, 2})
+        for run_id in order:  # one by a commit notification, one by the journal read
+            assert not waiter.done.is_set()
+            waiter.discard(run_id)
+        assert waiter.done.is_set() and not waiter.remaining
+    assert _Waiter(set()).done.is_set()
