@@ -11,6 +11,7 @@ from pathlib import Path
 import apsw
 import pytest
 
+from jobd.daemon import _Waiter
 from tests.conftest import JOBD, DaemonProcess, Raw, pid_alive, wait_for
 
 
@@ -389,8 +390,6 @@ def test_wait_wakes_when_some_runs_had_already_ended(daemon: DaemonProcess, work
 
 
 def test_waiter_wakes_however_its_last_run_goes() -> None:
-    from jobd.daemon import _Waiter
-
     for order in ([1, 2], [2, 1]):
         waiter = _Waiter({1, 2})
         for run_id in order:  # one by a commit notification, one by the journal read
