@@ -155,6 +155,7 @@ class Daemon:
         if running:
             # Leave them to be recovered at the next start, like a crash would.
             self._discard_results = True
+            self.executor.closing = True
             log.warning(
                 "%d run(s) still running after %.0fs: stopping them; they will be"
                 " re-queued at the next start",

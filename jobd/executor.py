@@ -79,6 +79,8 @@ class Executor:
         self._functions: dict[str, Callable[..., Any]] = {}
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
+        #: set when the daemon stops: workers take nothing more from their queues
+        self.closing = False
         self._base_env = dict(os.environ)
         self._base_env.pop("JOBD_SOCKET", None)
 
@@ -182,6 +184,8 @@ class Executor:
             item = q.get()
             if item is None:
                 return
+            if self.closing:
+                continue  # stopping: left in the journal as running, recovered next start
             try:
                 run = self._call if item.spec.kind is Kind.CALL else self._spawn
                 result = self._cancelled_before_start(item) or run(item)
