@@ -122,11 +122,6 @@ def test_unknown_top_level_table() -> None:
     assert "webhooks: unknown key; known keys: access, daemon, limits, pools" in problem
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py reports a top-level key with an empty prefix ('.webhooks');"
-    " remove this marker once _unknown() skips the dot for the root table",
-)
 def test_unknown_top_level_key_is_named_without_a_leading_dot() -> None:
     (problem,) = problems({"webhooks": {}})
     assert problem.startswith("jobd.toml: webhooks: unknown key")

@@ -118,20 +118,12 @@ def try_hello(d: DaemonProcess) -> Raw | None:
 
 
 def wait_runs(conn: Raw, ids: list[int]) -> list[dict[str, Any]]:
-    """``wait`` until every run is terminal; their summaries, in the order of ``ids``.
-
-    Daemon.wait can answer ``timed_out: false`` with a run still active when the run
-    ends while wait's first journal read is under way (reproduced by
-    test_wait_never_answers_with_an_active_run). Asking again then gets the final
-    state, so that the other tests do not fail at random because of it.
-    """
-    for _ in range(3):
-        reply = conn.result("wait", {"ids": ids, "timeout": READY_DEADLINE})
-        assert reply["timed_out"] is False, reply
-        assert [r["id"] for r in reply["runs"]] == ids, reply
-        if all(r["state"] in TERMINAL for r in reply["runs"]):
-            return list(reply["runs"])
-    raise AssertionError(f"wait keeps answering with active runs: {reply}")
+    """``wait`` until every run is terminal; their summaries, in the order of ``ids``."""
+    reply = conn.result("wait", {"ids": ids, "timeout": READY_DEADLINE})
+    assert reply["timed_out"] is False, reply
+    assert [r["id"] for r in reply["runs"]] == ids, reply
+    assert all(r["state"] in TERMINAL for r in reply["runs"]), reply
+    return list(reply["runs"])
 
 
 def new_log_text(d: DaemonProcess) -> str:
@@ -876,11 +868,6 @@ def test_list_pages_and_filters(daemon_factory: Any) -> None:
 # -- wait ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="bug in Daemon.wait: a run that ends during wait's first journal read is"
-    " reported with its stale active state and timed_out false (see wait_runs)",
-)
 def test_wait_never_answers_with_an_active_run(daemon_factory: Any) -> None:
     """``wait`` answers once every run is terminal (or with timed_out true)."""
     d = daemon_factory()
