@@ -35,7 +35,7 @@ from jobd.core.scheduler import Cancel, Finished, ProcessStarted, Recover, Sched
 from jobd.errors import JobdError, ProtocolError
 from jobd.executor import Executor, Handback
 from jobd.journal import AuditEntry, GroupCommitter, Journal, StateDirLock
-from jobd.protocol import ErrorCode
+from jobd.protocol import ErrorCode, not_found
 from jobd.server import Server
 
 log = logging.getLogger("jobd")
@@ -193,17 +193,20 @@ class Daemon:
                 Spec(Kind.COMMAND, command=("echo", "hello from jobd")),
                 name="demo-echo",
                 tags=("demo",),
+                owner=os.getuid(),
             ),
             NewRun(
                 Spec(Kind.SHELL, shell='uname -sr; date; echo "run $JOBD_RUN_ID"'),
                 name="demo-shell",
                 tags=("demo",),
+                owner=os.getuid(),
             ),
             NewRun(
                 Spec(Kind.CALL, call="jobd.demo:fib", args=(30,)),
                 pool="python",
                 name="demo-fib",
                 tags=("demo",),
+                owner=os.getuid(),
             ),
         ]
         runnable = [r for r in demo if r.pool in self.config.pools]
@@ -278,16 +281,15 @@ class Daemon:
             )
 
     async def submit(self, new_runs: Iterable[NewRun], uid: int, pid: int | None) -> list[int]:
-        """Create runs; return their ids once the journal has them."""
+        """Create runs (owned by the uid they carry); return their ids once journaled.
+
+        ``uid`` and ``pid`` are the caller's, for the audit."""
         self._check_accepting()
         now = time.time()
-        owned = tuple(
-            r if r.owner == uid else NewRun(r.spec, r.pool, r.priority, r.name, r.tags, uid)
-            for r in new_runs
-        )
-        effects = self.scheduler.handle(Submit(owned), now)
-        ids = [e.run_id for e in effects[: len(owned)] if isinstance(e, Created)]
-        assert len(ids) == len(owned)  # the Created effects come first, in order
+        runs = tuple(new_runs)
+        effects = self.scheduler.handle(Submit(runs), now)
+        ids = [e.run_id for e in effects[: len(runs)] if isinstance(e, Created)]
+        assert len(ids) == len(runs)  # the Created effects come first, in order
         detail = {"runs": len(ids), "first": ids[0], "last": ids[-1]}
         batch = self.writer.add(effects, AuditEntry(now, uid, pid, "submit", detail))
         await batch.committed.wait()
@@ -365,7 +367,7 @@ class Daemon:
     ) -> dict[str, Any]:
         run = await trio.to_thread.run_sync(self.journal.get_run, run_id)
         if run is None:
-            raise ProtocolError(ErrorCode.NOT_FOUND, f"no run with id {run_id}")
+            raise not_found([run_id])
         offset = 0
         chosen = attempt
         while True:
@@ -378,17 +380,14 @@ class Daemon:
                 and State(run["state"]).terminal
             ):
                 raise ProtocolError(ErrorCode.NOT_FOUND, f"run {run_id} has no attempt {attempt}")
-            path = _output_path(self.config.log_dir, run_id, chosen) if chosen else None
+            path = executor_mod.output_path(self.config.log_dir, run_id, chosen) if chosen else None
             if path is not None:
                 data, offset = await trio.to_thread.run_sync(_read_from, path, offset)
                 for start in range(0, len(data), LOG_CHUNK):
                     await emit(data[start : start + LOG_CHUNK].decode(errors="replace"))
-            terminal = State(run["state"]).terminal
-            if not follow or terminal:
-                if terminal and path is not None:
-                    data, offset = await trio.to_thread.run_sync(_read_from, path, offset)
-                    if data:
-                        await emit(data.decode(errors="replace"))
+            # A run's terminal state is committed after its process exited, so
+            # the read above, which came after that state was fetched, is complete.
+            if not follow or State(run["state"]).terminal:
                 return {"id": run_id, "attempt": chosen, "state": run["state"]}
             with self._watching([run_id]) as waiter, trio.move_on_after(FOLLOW_POLL):
                 await waiter.done.wait()
@@ -436,10 +435,6 @@ class Daemon:
                 "failed_commits": w.failed_commits,
             },
         }
-
-
-def _output_path(log_dir: Path, run_id: int, attempt: int) -> Path:
-    return log_dir / f"{run_id // executor_mod.LOG_SHARD:05d}" / f"{run_id}.{attempt}.log"
 
 
 def _read_from(path: Path, offset: int) -> tuple[bytes, int]:

@@ -343,12 +343,17 @@ class Executor:
         )
 
     def _log_path(self, run_id: int, attempt: int) -> Path:
+        path = output_path(self.log_dir, run_id, attempt)
         shard = run_id // LOG_SHARD
-        directory = self.log_dir / f"{shard:05d}"
         if shard not in self._shards:
-            directory.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._shards.add(shard)
-        return directory / f"{run_id}.{attempt}.log"
+        return path
+
+
+def output_path(log_dir: Path, run_id: int, attempt: int) -> Path:
+    """Where an attempt's captured output lives (whether or not it exists yet)."""
+    return log_dir / f"{run_id // LOG_SHARD:05d}" / f"{run_id}.{attempt}.log"
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -18,6 +18,7 @@ import enum
 import json
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,8 +206,15 @@ def invalid(message: str, hint: str | None = None) -> ProtocolError:
     return ProtocolError(ErrorCode.INVALID_PARAMS, message, hint=hint)
 
 
-def parse_submission(data: Any, where: str = "params") -> NewRun:
-    """Validate one submission object (owner is filled in by the server)."""
+def not_found(run_ids: Iterable[int]) -> ProtocolError:
+    ids = ", ".join(map(str, run_ids))
+    return ProtocolError(
+        ErrorCode.NOT_FOUND, f"no run with id {ids}", hint="`jobctl ls` lists runs"
+    )
+
+
+def parse_submission(data: Any, where: str = "params", owner: int = 0) -> NewRun:
+    """Validate one submission object; ``owner`` is the uid of the submitting peer."""
     if not isinstance(data, dict):
         raise invalid(f"{where}: a submission must be a JSON object")
     unknown = set(data) - SPEC_FIELDS
@@ -282,10 +290,10 @@ def parse_submission(data: Any, where: str = "params") -> NewRun:
     ):
         raise invalid(f"{where}.tags: must be a list of short non-empty strings")
     spec = Spec(kind, command, shell, call, args, kwargs, env, cwd)
-    return NewRun(spec, pool, priority, name, tuple(dict.fromkeys(tags)))
+    return NewRun(spec, pool, priority, name, tuple(dict.fromkeys(tags)), owner)
 
 
-def parse_submissions(params: dict[str, Any], max_batch: int) -> list[NewRun]:
+def parse_submissions(params: dict[str, Any], max_batch: int, owner: int = 0) -> list[NewRun]:
     """``{"runs": [...]}`` (a batch) or the fields of one submission."""
     if "runs" in params:
         batch = params["runs"]
@@ -299,8 +307,8 @@ def parse_submissions(params: dict[str, Any], max_batch: int) -> list[NewRun]:
             )
         if len(params) > 1:
             raise invalid("a batch submit takes only 'runs'")
-        return [parse_submission(item, f"runs[{i}]") for i, item in enumerate(batch)]
-    return [parse_submission(params)]
+        return [parse_submission(item, f"runs[{i}]", owner) for i, item in enumerate(batch)]
+    return [parse_submission(params, owner=owner)]
 
 
 def run_id_param(params: dict[str, Any], key: str = "id") -> int:

@@ -41,6 +41,7 @@ from jobd.protocol import (
     Role,
     encode,
     invalid,
+    not_found,
     parse_request,
     parse_submissions,
     run_id_param,
@@ -130,7 +131,6 @@ class Server:
         self.daemon = daemon
         self.access = Access(config.access)
         self.connections = 0
-        self.accepting = True
         self._accept_scope = trio.CancelScope()
         self.bound = False  # whether the socket file is ours to remove
 
@@ -186,7 +186,6 @@ class Server:
 
     def stop_accepting(self) -> None:
         """Close the listening socket; connections already open are still served."""
-        self.accepting = False
         self._accept_scope.cancel()
 
     # -- one connection -----------------------------------------------------
@@ -346,7 +345,7 @@ class Server:
     async def handle_submit(
         self, conn: Connection, params: dict[str, Any], request: Request
     ) -> Any:
-        new_runs = parse_submissions(params, self.config.max_batch)
+        new_runs = parse_submissions(params, self.config.max_batch, conn.peer.uid)
         pools = self.config.pools
         for i, run in enumerate(new_runs):
             where = f"runs[{i}]" if "runs" in params else "params"
@@ -383,7 +382,7 @@ class Server:
         run_id = run_id_param(params)
         run = await trio.to_thread.run_sync(self.daemon.journal.get_run, run_id)
         if run is None:
-            raise _not_found(run_id)
+            raise not_found([run_id])
         return run
 
     async def handle_list(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
@@ -448,9 +447,7 @@ class Server:
         runs, timed_out = await self.daemon.wait(ids, timeout)
         missing = [i for i in ids if i not in runs]
         if missing:
-            raise RequestError(
-                ErrorCode.NOT_FOUND, f"no run with id {', '.join(map(str, missing))}"
-            )
+            raise not_found(missing)
         return {"runs": [runs[i] for i in ids], "timed_out": timed_out}
 
     async def handle_logs(self, conn: Connection, params: dict[str, Any], request: Request) -> Any:
@@ -496,12 +493,6 @@ def _forbidden(message: str, hint: str | None = None) -> RequestError:
         ErrorCode.FORBIDDEN,
         message,
         hint=hint or "an admin can grant roles in the [access] table of jobd.toml",
-    )
-
-
-def _not_found(run_id: int) -> RequestError:
-    return RequestError(
-        ErrorCode.NOT_FOUND, f"no run with id {run_id}", hint="`jobctl ls` lists runs"
     )
 
 
