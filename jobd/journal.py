@@ -354,23 +354,26 @@ class Journal:
 
     @_translate("cannot read the journal")
     def run_summaries(self, run_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-        """id → {state, exit_code, owner, attempts} for the given runs that exist."""
-        db = self._reader()
-        out = {}
-        for run_id in run_ids:
-            for row in db.execute(
-                "SELECT state, exit_code, owner, attempts, reason FROM runs WHERE id = ?",
-                (run_id,),
-            ):
-                out[run_id] = {
-                    "id": run_id,
-                    "state": row[0],
-                    "exit_code": row[1],
-                    "owner": row[2],
-                    "attempts": row[3],
-                    "reason": row[4],
-                }
-        return out
+        """id → {state, exit_code, owner, attempts} for the given runs that exist.
+
+        One statement for the whole list (a wait on 10,000 runs is one query,
+        not 10,000)."""
+        rows = self._reader().execute(
+            "SELECT id, state, exit_code, owner, attempts, reason FROM runs"
+            " WHERE id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(run_ids)),),
+        )
+        return {
+            row[0]: {
+                "id": row[0],
+                "state": row[1],
+                "exit_code": row[2],
+                "owner": row[3],
+                "attempts": row[4],
+                "reason": row[5],
+            }
+            for row in rows
+        }
 
     @_translate("cannot read the journal")
     def count_by_state(self) -> dict[str, int]:
@@ -456,7 +459,7 @@ def _write_created(db: apsw.Connection, effects: list[Created]) -> None:
                 e.priority,
                 e.spec.kind.value,
                 _spec_json(e.spec),
-                json.dumps(e.tags) if e.tags else None,
+                _compact_json(e.tags) if e.tags else None,
                 e.owner,
                 e.submitted_at,
                 e.submitted_at,
@@ -466,8 +469,13 @@ def _write_created(db: apsw.Connection, effects: list[Created]) -> None:
     )
 
 
+# One encoder for every row: json.dumps with non-default arguments builds a
+# new encoder per call, which costs more than the encoding of a small spec.
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def _spec_json(spec: Spec) -> str:
-    return json.dumps(spec.to_json(), separators=(",", ":"))
+    return _compact_json(spec.to_json())
 
 
 def _write_started(db: apsw.Connection, effects: list[Started]) -> None:

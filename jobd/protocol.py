@@ -182,6 +182,7 @@ def parse_request(line: bytes) -> Request:
 
 _CALL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _ENV_NAME_RE = re.compile(r"^[^=\0]+$")
+_KINDS = (("command", Kind.COMMAND), ("shell", Kind.SHELL), ("call", Kind.CALL))
 SPEC_FIELDS = frozenset(
     {"command", "shell", "call", "args", "kwargs", "env", "cwd", "pool", "priority", "name", "tags"}
 )
@@ -217,16 +218,16 @@ def parse_submission(data: Any, where: str = "params", owner: int = 0) -> NewRun
     """Validate one submission object; ``owner`` is the uid of the submitting peer."""
     if not isinstance(data, dict):
         raise invalid(f"{where}: a submission must be a JSON object")
-    unknown = set(data) - SPEC_FIELDS
-    if unknown:
+    if not SPEC_FIELDS.issuperset(data):
+        unknown = set(data) - SPEC_FIELDS
         raise invalid(
             f"{where}: unknown field(s) {', '.join(sorted(unknown))}",
             hint=f"accepted fields: {', '.join(sorted(SPEC_FIELDS))}",
         )
-    kinds = [k for k in ("command", "shell", "call") if k in data]
+    kinds = [kind for key, kind in _KINDS if key in data]
     if len(kinds) != 1:
         raise invalid(f"{where}: give exactly one of 'command', 'shell' or 'call'")
-    kind = Kind(kinds[0])
+    kind = kinds[0]
     command: tuple[str, ...] = ()
     shell = call = ""
     args: tuple[Any, ...] = ()
@@ -258,15 +259,18 @@ def parse_submission(data: Any, where: str = "params", owner: int = 0) -> NewRun
         if not isinstance(raw_kwargs, dict):
             raise invalid(f"{where}.kwargs: must be a JSON object")
         for key, raw in (("args", raw_args), ("kwargs", raw_kwargs)):
-            if _nested_deeper(raw, MAX_NESTING):
+            if raw and _nested_deeper(raw, MAX_NESTING):
                 raise invalid(f"{where}.{key}: nested more than {MAX_NESTING} levels deep")
         args, kwargs = tuple(raw_args), raw_kwargs
     if kind is not Kind.CALL and ("args" in data or "kwargs" in data):
         raise invalid(f"{where}: 'args' and 'kwargs' apply to 'call' submissions only")
     env = data.get("env", {})
-    if not isinstance(env, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and _ENV_NAME_RE.match(k) and "\0" not in v
-        for k, v in env.items()
+    if not isinstance(env, dict) or (
+        env
+        and not all(
+            isinstance(k, str) and isinstance(v, str) and _ENV_NAME_RE.match(k) and "\0" not in v
+            for k, v in env.items()
+        )
     ):
         raise invalid(f"{where}.env: must map variable names (no '=') to strings")
     cwd = data.get("cwd")
@@ -285,12 +289,12 @@ def parse_submission(data: Any, where: str = "params", owner: int = 0) -> NewRun
     ):
         raise invalid(f"{where}.name: must be a string of 1 to 200 characters (no NUL)")
     tags = data.get("tags", [])
-    if not isinstance(tags, list) or not all(
-        isinstance(t, str) and t and len(t) <= 100 and "\0" not in t for t in tags
+    if not isinstance(tags, list) or (
+        tags and not all(isinstance(t, str) and t and len(t) <= 100 and "\0" not in t for t in tags)
     ):
         raise invalid(f"{where}.tags: must be a list of short non-empty strings")
     spec = Spec(kind, command, shell, call, args, kwargs, env, cwd)
-    return NewRun(spec, pool, priority, name, tuple(dict.fromkeys(tags)), owner)
+    return NewRun(spec, pool, priority, name, tuple(dict.fromkeys(tags)) if tags else (), owner)
 
 
 def parse_submissions(params: dict[str, Any], max_batch: int, owner: int = 0) -> list[NewRun]:
