@@ -433,6 +433,8 @@ class Daemon:
                 "effects": w.effects,
                 "largest_batch": w.largest_batch,
                 "failed_commits": w.failed_commits,
+                "checkpoints": w.checkpoints,
+                "wal_pages": self.journal.wal_pages,
             },
         }
 

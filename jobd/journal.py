@@ -17,6 +17,21 @@ while giving SQLite its batched speed.
 If a commit fails (disk full, I/O error) the batch is kept and retried with
 backoff, and ``healthy`` turns false so the server refuses new work with a
 clear error instead of acknowledging what cannot be made durable.
+
+Checkpoints
+-----------
+SQLite's automatic checkpoint runs inside the commit that crosses its
+threshold, and with ``synchronous=normal`` that commit then pays for the
+fsync of the whole WAL: measured, one submission in 60 waited 11-16 ms for
+it (ack p99 ~9 ms against a p50 of ~1 ms). So the writer connection does not
+checkpoint by itself. After a commit that leaves ``checkpoint_pages`` more
+pages in the WAL, the writer task starts a PASSIVE checkpoint on a separate
+connection in another thread, which runs alongside the following commits.
+Under sustained load a passive checkpoint never catches up with the writer,
+so the WAL cannot start over; once it holds ``checkpoint_pages_max`` pages
+the writer checkpoints inline before its next transaction (cheap by then:
+the background checkpoints have copied almost everything), which bounds the
+WAL file.
 """
 
 from __future__ import annotations
@@ -56,6 +71,8 @@ R = TypeVar("R")
 SYNCHRONOUS = ("full", "normal")
 RETRY_BACKOFF_INITIAL = 0.1  # seconds before retrying a failed commit
 RETRY_BACKOFF_MAX = 5.0  # seconds, cap of the commit retry backoff
+CHECKPOINT_PAGES = 1000  # WAL pages (of 4 KiB) added before a background checkpoint starts
+CHECKPOINT_PAGES_MAX = 16_000  # WAL pages (~64 MiB) before the writer checkpoints inline
 
 # Forward migrations; the schema version is len(MIGRATIONS) (PRAGMA user_version).
 MIGRATIONS: list[str] = [
@@ -177,14 +194,25 @@ class StateDirLock:
 class Journal:
     """Synchronous access to the journal file; the group commit writer drives ``write``."""
 
-    def __init__(self, path: str, synchronous: str = "full") -> None:
+    def __init__(
+        self,
+        path: str,
+        synchronous: str = "full",
+        *,
+        checkpoint_pages: int = CHECKPOINT_PAGES,
+        checkpoint_pages_max: int = CHECKPOINT_PAGES_MAX,
+    ) -> None:
         if synchronous not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}")
         self.path = path
         self.synchronous = synchronous
+        self.checkpoint_pages = checkpoint_pages
+        self.checkpoint_pages_max = checkpoint_pages_max
+        self.wal_pages = 0  # pages in the WAL after the last commit (the WAL hook says)
         self._local = threading.local()
         self._readers: list[apsw.Connection] = []
         self._readers_lock = threading.Lock()
+        self._checkpointer: apsw.Connection | None = None
         self._db = self._open_writer()
         self.instance = self._meta("instance")
 
@@ -198,7 +226,14 @@ class Journal:
         db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
         db.execute("PRAGMA foreign_keys=ON")
         self._migrate(db)
+        # A WAL hook replaces SQLite's automatic checkpoint (see the module
+        # docstring): checkpoints are started by the writer task instead.
+        db.setwalhook(self._on_wal)
         return db
+
+    def _on_wal(self, db: apsw.Connection, name: str, pages: int) -> int:
+        self.wal_pages = pages
+        return apsw.SQLITE_OK
 
     def _migrate(self, db: apsw.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchall()[0][0]
@@ -230,6 +265,8 @@ class Journal:
         """Write effects and audit entries in one transaction. Raises JournalError."""
         db = self._db
         try:
+            if self.wal_pages >= self.checkpoint_pages_max:
+                db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
             with db:
                 for kind, group in groupby(effects, type):
                     _writer_for(kind)(db, list(group))
@@ -240,6 +277,20 @@ class Journal:
                     )
         except apsw.Error as exc:
             raise JournalError(f"journal commit failed: {exc}", hint=_hint_for(exc)) from exc
+
+    @_translate("checkpoint failed")
+    def checkpoint(self) -> tuple[int, int]:
+        """A PASSIVE checkpoint on a connection of its own, alongside the writer.
+
+        Returns (pages in the WAL, pages copied into the database). Run it in
+        one thread at a time, never in the writer's."""
+        if self._checkpointer is None:
+            db = apsw.Connection(self.path)
+            db.setbusytimeout(5000)
+            db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            self._checkpointer = db
+        pages, copied = self._checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        return pages, copied
 
     # -- reads (any thread; each thread has its own connection) ------------
 
@@ -406,6 +457,9 @@ class Journal:
                 with contextlib.suppress(apsw.Error):
                     db.close()
             self._readers.clear()
+        with contextlib.suppress(apsw.Error):
+            if self._checkpointer is not None:
+                self._checkpointer.close()
         with contextlib.suppress(apsw.Error):
             self._db.close()
 
@@ -575,6 +629,7 @@ class WriterStatistics:
     effects: int
     largest_batch: int
     failed_commits: int
+    checkpoints: int
     healthy: bool
     last_error: str | None
 
@@ -590,7 +645,9 @@ class GroupCommitter:
         self._closing = False
         self.healthy = True
         self.last_error: str | None = None
-        self._commits = self._effects = self._largest = self._failed = 0
+        self._commits = self._effects = self._largest = self._failed = self._checkpoints = 0
+        self._checkpointing = False
+        self._checkpointed_to = 0  # WAL pages when the last checkpoint started
 
     def add(self, effects: Iterable[Effect], audit: AuditEntry | None = None) -> Batch:
         batch = self._pending
@@ -601,19 +658,45 @@ class GroupCommitter:
         return batch
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup = trio.Event()
-            batch, self._pending = self._pending, Batch()
-            if not batch.effects and not batch.audit:
+        # The nursery holds at most one background checkpoint; on close it
+        # waits for that checkpoint to finish.
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                await self._wakeup.wait()
+                self._wakeup = trio.Event()
+                batch, self._pending = self._pending, Batch()
+                if not batch.effects and not batch.audit:
+                    batch.committed.set()
+                    if self._closing:
+                        return
+                    continue
+                await self._commit(batch)
+                self.on_commit(batch.effects)
                 batch.committed.set()
-                if self._closing:
-                    return
-                continue
-            await self._commit(batch)
-            self.on_commit(batch.effects)
-            batch.committed.set()
+                self._maybe_checkpoint(nursery)
+
+    def _maybe_checkpoint(self, nursery: trio.Nursery) -> None:
+        pages = self.journal.wal_pages
+        if pages < self._checkpointed_to:  # the WAL started over
+            self._checkpointed_to = 0
+        if self._checkpointing or pages - self._checkpointed_to < self.journal.checkpoint_pages:
+            return
+        self._checkpointing = True
+        self._checkpointed_to = pages
+        nursery.start_soon(self._checkpoint)
+
+    async def _checkpoint(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self.journal.checkpoint)
+        except JournalError as exc:
+            # Not fatal: the next one retries, and the writer's inline
+            # checkpoint still bounds the WAL.
+            log.warning("background checkpoint failed: %s", exc)
+        else:
+            self._checkpoints += 1
+        finally:
+            self._checkpointing = False
 
     async def _commit(self, batch: Batch) -> None:
         delay = RETRY_BACKOFF_INITIAL
@@ -655,6 +738,7 @@ class GroupCommitter:
             self._effects,
             self._largest,
             self._failed,
+            self._checkpoints,
             self.healthy,
             self.last_error,
         )

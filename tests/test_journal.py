@@ -231,3 +231,57 @@ async def test_failed_commit_is_retried_and_marks_the_writer_unhealthy(
         writer.close()
     assert journal.get_run(1) is not None
     journal.close()
+
+
+def test_commits_do_not_checkpoint_by_themselves(tmp_path: Path) -> None:
+    # The writer connection must not run SQLite's automatic checkpoint inside
+    # a commit (its fsync was the submit ack p99): the WAL keeps every page
+    # until a checkpoint is asked for.
+    path = str(tmp_path / "j.db")
+    journal = Journal(path, "normal", checkpoint_pages=10, checkpoint_pages_max=10**9)
+    for i in range(1, 401):
+        journal.write([created(i)])
+    assert journal.wal_pages > 1000  # past SQLite's default autocheckpoint threshold
+    pages, copied = journal.checkpoint()
+    assert pages == journal.wal_pages and copied == pages
+    journal.close()
+
+
+def test_writer_checkpoints_inline_when_the_wal_reaches_its_bound(tmp_path: Path) -> None:
+    # No background checkpoint ever runs here (no GroupCommitter): the bound
+    # alone keeps the WAL from growing without end under sustained writes.
+    path = str(tmp_path / "j.db")
+    journal = Journal(path, "normal", checkpoint_pages=10, checkpoint_pages_max=50)
+    seen = []
+    for i in range(1, 401):
+        journal.write([created(i)])
+        seen.append(journal.wal_pages)
+    assert max(seen) < 60
+    assert seen.count(min(seen)) > 1  # the WAL started over, more than once
+    assert journal.count_by_state() == {"queued": 400}
+    assert journal.integrity_check() == "ok"
+    journal.close()
+
+
+async def test_group_committer_checkpoints_in_the_background(tmp_path: Path) -> None:
+    path = str(tmp_path / "j.db")
+    journal = Journal(path, "normal", checkpoint_pages=20, checkpoint_pages_max=10**9)
+    writer = GroupCommitter(journal, lambda effects: None)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        for i in range(1, 201):
+            await writer.add([created(i)]).committed.wait()
+        writer.close()
+    # run() returned only after its last checkpoint finished.
+    assert writer.statistics().checkpoints >= 1
+    assert journal.count_by_state() == {"queued": 200}
+    assert journal.integrity_check() == "ok"
+    journal.close()
+
+
+def test_memory_journal_has_no_wal_to_checkpoint() -> None:
+    journal = Journal(":memory:", "normal", checkpoint_pages=1, checkpoint_pages_max=2)
+    for i in range(1, 21):
+        journal.write([created(i)])
+    assert journal.wal_pages == 0
+    journal.close()
