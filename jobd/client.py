@@ -31,7 +31,14 @@ import trio
 
 from jobd import __version__
 from jobd.config import DEFAULT_SOCKET
-from jobd.errors import ClientError, DaemonNotRunning, ProtocolError, RemoteError
+from jobd.errors import (
+    ClientError,
+    ConnectionLost,
+    DaemonNotRunning,
+    ProtocolError,
+    RemoteError,
+    RequestTooLarge,
+)
 from jobd.protocol import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_LINE,
@@ -45,6 +52,9 @@ __all__ = ["AsyncClient", "Client", "default_socket_path"]
 
 DEV_SOCKET = os.path.join(".jobd", "jobd.sock")  # where `jobd --dev` listens, relative to its cwd
 RECV_SIZE = 256 * 1024  # bytes read from the socket at a time
+# A reply may exceed the daemon's max_line a little (one run as large as the
+# request that created it, plus its state), never by this factor.
+REPLY_LINE_FACTOR = 4
 
 START_HINT = (
     "start it with `make run` (development) or `systemctl start jobd`,"
@@ -89,32 +99,63 @@ class _Reply:
 class _Session:
     """Request ids, framing and reply matching for one connection; does no I/O."""
 
-    def __init__(self, path: str, max_line: int = DEFAULT_MAX_LINE) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self._lines = LineBuffer(max_line)
+        self.max_request = DEFAULT_MAX_LINE  # the daemon's limits.max_line, once known
+        self._lines = LineBuffer(REPLY_LINE_FACTOR * DEFAULT_MAX_LINE)
         self._ids = itertools.count(1)
         self._pending: dict[int, deque[_Reply]] = {}  # request id → replies not yet taken
         self._failure: ClientError | None = None  # set once the connection is unusable
 
+    def learn_limits(self, server_info: Json) -> None:
+        """Adopt the limits the daemon announced in its hello result."""
+        limits = server_info.get("limits")
+        max_line = limits.get("max_line") if isinstance(limits, dict) else None
+        if isinstance(max_line, int) and max_line > 0:
+            self.max_request = max_line
+            self._lines.max_line = REPLY_LINE_FACTOR * max(max_line, DEFAULT_MAX_LINE)
+
     def request(self, method: str, params: Json) -> tuple[int, bytes]:
-        """Number a request; returns its id and the line to send."""
+        """Number a request; returns its id and the line to send.
+
+        Raises ClientError for what cannot be sent (nothing is sent then):
+        NaN or invalid Unicode in the parameters, or a line over the limit."""
         self._raise_failure()
         rid = next(self._ids)
+        try:
+            line = encode({"id": rid, "method": method, "params": params})
+        except (ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+            raise ClientError(
+                f"cannot send this {method} request: {_unencodable_reason(exc)}",
+                hint="jobd takes strict JSON: UTF-8 text, finite numbers",
+            ) from None
+        if len(line) - 1 > self.max_request:
+            raise RequestTooLarge(
+                f"the {method} request is {len(line) - 1} bytes, over the daemon's limit"
+                f" of {self.max_request} (limits.max_line); nothing was sent",
+                hint="send fewer or smaller runs per request",
+            )
         self._pending[rid] = deque()
-        return rid, encode({"id": rid, "method": method, "params": params})
+        return rid, line
 
     def receive(self, data: bytes) -> None:
         """File the replies in ``data``; ``b""`` means the daemon closed the connection."""
         if not data:
             self.fail(
-                ClientError(f"the daemon closed the connection on {self.path}", hint=LOST_HINT)
+                ConnectionLost(f"the daemon closed the connection on {self.path}", hint=LOST_HINT)
             )
             return
         try:
             for line in self._lines.feed(data):
                 self._file(line)
-        except ProtocolError as exc:
-            self.fail(ClientError(f"bad reply from the daemon: {exc.message}", hint=LOST_HINT))
+        except ProtocolError:
+            self.fail(
+                ClientError(
+                    f"a reply from the daemon is longer than this client accepts"
+                    f" ({self._lines.max_line} bytes)",
+                    hint="ask for less at a time (a smaller list page, fewer ids)",
+                )
+            )
 
     def next_reply(self, rids: Collection[int]) -> _Reply | None:
         """The next reply to one of ``rids`` already received, or None: read more."""
@@ -206,11 +247,25 @@ def _is_other_file(path: str) -> bool:
 def _lost(path: str, exc: BaseException) -> ClientError:
     if isinstance(exc, trio.ClosedResourceError):
         return ClientError(f"the connection to {path} was closed by this client")
-    return ClientError(f"lost the connection to the daemon on {path}: {exc}", hint=LOST_HINT)
+    return ConnectionLost(f"lost the connection to the daemon on {path}: {exc}", hint=LOST_HINT)
+
+
+def _unencodable_reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeEncodeError):
+        return "a string is not valid UTF-8 text (undecodable bytes in an argument?)"
+    if isinstance(exc, RecursionError):
+        return "the parameters are nested too deeply"
+    return f"{exc} (NaN and Infinity are not JSON)"
 
 
 def _hello_params() -> Json:
     return {"protocol": PROTOCOL_VERSION, "client": f"jobd.client {__version__}"}
+
+
+def _max_batch(server_info: Json, default: int) -> int:
+    limits = server_info.get("limits")
+    value = limits.get("max_batch") if isinstance(limits, dict) else None
+    return value if isinstance(value, int) and value > 0 else default
 
 
 def _ids(ids: int | Iterable[int]) -> builtins.list[int]:
@@ -249,30 +304,46 @@ def _chunks(runs: Sequence[Json], size: int) -> Iterator[builtins.list[Json]]:
 
 @dataclass(slots=True)
 class _Chunk:
-    index: int
+    index: tuple[int, ...]  # position in submission order; halves of a split extend it
     runs: builtins.list[Json]
 
 
 class _Pipeline:
-    """Submit chunks in flight (at most ``window``) and their run ids, in submission order."""
+    """Submit chunks in flight (at most ``window``) and their run ids, in submission order.
+
+    Chunks hold at most ``max_batch`` runs; one whose request line would be
+    over the daemon's ``max_line`` is split in halves (``split``)."""
 
     def __init__(self, batches: Iterable[Sequence[Json]], window: int, size: int) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         chunks = (chunk for batch in batches for chunk in _chunks(batch, size))
-        self._chunks = itertools.starmap(_Chunk, enumerate(chunks))
+        self._chunks = (_Chunk((i,), runs) for i, runs in enumerate(chunks))
+        self._halves: builtins.list[_Chunk] = []  # split chunks, sent before the rest
         self._window = window
         self._done = False
-        self.in_flight: dict[int, int] = {}  # request id → chunk index
-        self._ids: dict[int, builtins.list[int]] = {}  # chunk index → run ids
+        self.in_flight: dict[int, tuple[int, ...]] = {}  # request id → chunk index
+        self._ids: dict[tuple[int, ...], builtins.list[int]] = {}  # chunk index → run ids
 
     def next_chunk(self) -> _Chunk | None:
         """The next chunk to send, or None while the window is full or all are sent."""
-        if self._done or len(self.in_flight) >= self._window:
+        if len(self.in_flight) >= self._window:
+            return None
+        if self._halves:
+            return self._halves.pop()
+        if self._done:
             return None
         chunk = next(self._chunks, None)
         self._done = chunk is None
         return chunk
+
+    def split(self, chunk: _Chunk, too_large: RequestTooLarge) -> None:
+        """``chunk`` was too large to send: send its halves instead."""
+        if len(chunk.runs) < 2:
+            raise too_large
+        half = len(chunk.runs) // 2
+        self._halves.append(_Chunk((*chunk.index, 1), chunk.runs[half:]))
+        self._halves.append(_Chunk((*chunk.index, 0), chunk.runs[:half]))
 
     def sent(self, rid: int, chunk: _Chunk) -> None:
         self.in_flight[rid] = chunk.index
@@ -312,6 +383,7 @@ class Client:
             except OSError as exc:
                 raise _connect_error(self.path, exc) from exc
             self.server_info: Json = self.call("hello", _hello_params())
+            self._learn(self.server_info)
         except BaseException:
             self._sock.close()
             raise
@@ -325,6 +397,10 @@ class Client:
     def close(self) -> None:
         self._session.fail(ClientError(f"the connection to {self.path} was closed by this client"))
         self._sock.close()
+
+    def _learn(self, server_info: Json) -> None:
+        self._session.learn_limits(server_info)
+        self.max_batch = _max_batch(server_info, self.max_batch)
 
     # -- the protocol's methods
 
@@ -355,7 +431,10 @@ class Client:
         try:
             while True:
                 while (chunk := pipe.next_chunk()) is not None:
-                    pipe.sent(self._send("submit", {"runs": chunk.runs}), chunk)
+                    try:
+                        pipe.sent(self._send("submit", {"runs": chunk.runs}), chunk)
+                    except RequestTooLarge as exc:
+                        pipe.split(chunk, exc)
                 if not pipe.in_flight:
                     return pipe.ids()
                 reply = self._reply(pipe.in_flight, self.timeout)
@@ -447,7 +526,7 @@ class Client:
             try:
                 data = self._sock.recv(RECV_SIZE)
             except TimeoutError:
-                raise ClientError(
+                raise ConnectionLost(
                     f"no reply from jobd on {self.path} within {timeout:g}s",
                     hint="the daemon may be overloaded or stuck: check its log, or allow a"
                     " longer timeout",
@@ -498,6 +577,7 @@ class AsyncClient:
             raise _connect_error(self.path, exc) from exc
         try:
             self.server_info = await self.call("hello", _hello_params())
+            self._learn(self.server_info)
         except BaseException:
             await trio.aclose_forcefully(self._stream)
             raise
@@ -506,6 +586,10 @@ class AsyncClient:
         self._session.fail(ClientError(f"the connection to {self.path} was closed by this client"))
         if self._stream is not None:
             await self._stream.aclose()
+
+    def _learn(self, server_info: Json) -> None:
+        self._session.learn_limits(server_info)
+        self.max_batch = _max_batch(server_info, self.max_batch)
 
     # -- the protocol's methods (see Client for what each returns)
 
@@ -531,7 +615,10 @@ class AsyncClient:
         try:
             while True:
                 while (chunk := pipe.next_chunk()) is not None:
-                    pipe.sent(await self._send("submit", {"runs": chunk.runs}), chunk)
+                    try:
+                        pipe.sent(await self._send("submit", {"runs": chunk.runs}), chunk)
+                    except RequestTooLarge as exc:
+                        pipe.split(chunk, exc)
                 if not pipe.in_flight:
                     return pipe.ids()
                 reply = await self._reply(pipe.in_flight)

@@ -7,6 +7,7 @@ path, what was expected and what was found.
 
 from __future__ import annotations
 
+import grp
 import re
 import tomllib
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ DEFAULT_SOCKET_MODE = 0o660  # owner and the socket group may connect
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running attempts get to finish on SIGTERM
 DEFAULT_KILL_GRACE = 5.0  # seconds between kill_signal (TERM) and SIGKILL
 DEFAULT_MAX_CONNECTIONS = 256  # simultaneous client connections
+DEFAULT_HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello before it is closed
 DEFAULT_MAX_INFLIGHT = 64  # requests being served at once on one connection
 DEFAULT_WORKERS = 4  # slots of a pool that does not say
 # Runs handed to a pool beyond its free workers, so that a worker finishing one
@@ -92,6 +94,7 @@ class Config:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     max_batch: int = DEFAULT_MAX_BATCH
+    hello_timeout: float = DEFAULT_HELLO_TIMEOUT
     pools: Mapping[str, PoolConfig] = field(default_factory=dict)
     access: AccessConfig = AccessConfig()
     demo: bool = False
@@ -233,6 +236,11 @@ def parse_config(
     if group is not None and not (isinstance(group, str) and group):
         c.add("daemon.socket_group", f"expected a group name, found {group!r}")
         group = None
+    elif group is not None and not _group_exists(group):
+        # Access through the socket depends on it: a daemon whose users
+        # cannot connect must not start as if all were well.
+        c.add("daemon.socket_group", f"no group named {group!r} on this host")
+        group = None
     synchronous = daemon.get("synchronous", "full")
     if synchronous not in ("full", "normal"):
         c.add(
@@ -248,7 +256,12 @@ def parse_config(
 
     limits = _table(c, data, "limits")
     lim = _Section(c, limits, "limits")
-    _unknown(c, limits, "limits", {"max_line", "max_connections", "max_inflight", "max_batch"})
+    _unknown(
+        c,
+        limits,
+        "limits",
+        {"max_line", "max_connections", "max_inflight", "max_batch", "hello_timeout"},
+    )
 
     pools: dict[str, PoolConfig] = {}
     for name, table in _table(c, data, "pools").items():
@@ -294,6 +307,7 @@ def parse_config(
         max_connections=lim.integer("max_connections", DEFAULT_MAX_CONNECTIONS),
         max_inflight=lim.integer("max_inflight", DEFAULT_MAX_INFLIGHT),
         max_batch=lim.integer("max_batch", DEFAULT_MAX_BATCH),
+        hello_timeout=lim.duration("hello_timeout", DEFAULT_HELLO_TIMEOUT),
         pools=pools,
         access=AccessConfig(
             acc.names("read"),
@@ -311,22 +325,48 @@ def parse_config(
     return config
 
 
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def load_config(path: Path) -> Config:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(
             [f"{path}: cannot read: {exc.strerror}"],
             hint="pass --config PATH, or --dev for the built-in development configuration",
         ) from exc
     try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"],
+            hint="TOML files are UTF-8; is this the right file?",
+        ) from None
+    try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+        raise ConfigError(
+            [f"{path}: not valid TOML: {exc}"],
+            hint="jobd.toml.example shows the syntax of every key",
+        ) from exc
     return parse_config(data, source=str(path), base=path.parent)
 
 
 def dev_config(base: Path | None = None) -> Config:
-    return parse_config(
-        tomllib.loads(DEV_CONFIG), source="<built-in --dev config>", base=base or Path.cwd()
-    )
+    base = base or Path.cwd()
+    try:
+        return parse_config(tomllib.loads(DEV_CONFIG), source="<built-in --dev config>", base=base)
+    except ConfigError as exc:
+        # The only thing that can go wrong with the built-in file is the
+        # working directory: there is no file for the user to fix.
+        raise ConfigError(
+            exc.problems,
+            hint=f"--dev keeps everything under {base}/.jobd: run it from a shorter"
+            " directory, or write a config file (see jobd.toml.example) and pass --config",
+        ) from None

@@ -4,15 +4,18 @@ Start-up: lock the state directory, open (and migrate) the journal, bind the
 socket, rebuild the heaps from the journal (runs found running were
 interrupted: their leftovers are killed and they are re-queued), then serve.
 
-Shutdown (SIGTERM/SIGINT): stop accepting work and starting runs, give running
-attempts ``shutdown_grace`` to finish, then stop their process groups (TERM,
-then KILL after ``kill_grace``) without journaling their end, so the next
-start recovers them like any interrupted attempt. Exit 0.
+Shutdown (SIGTERM/SIGINT): refuse new work (``shutting_down``; reads are
+still served) and start no more runs, give running attempts
+``shutdown_grace`` to finish, then stop their process groups (TERM, then
+KILL after ``kill_grace``) without journaling their end, so the next start
+recovers them like any interrupted attempt. Exit 0; exit 1 if changes could
+not be journaled before exit (none of them was acknowledged).
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import logging
 import os
@@ -34,13 +37,14 @@ from jobd.core.model import Kind, NewRun, Result, Spec, State
 from jobd.core.scheduler import Cancel, Finished, ProcessStarted, Recover, Scheduler, Submit
 from jobd.errors import JobdError, ProtocolError
 from jobd.executor import Executor, Handback
-from jobd.journal import AuditEntry, GroupCommitter, Journal, StateDirLock
+from jobd.journal import AuditEntry, Batch, GroupCommitter, Journal, StateDirLock
 from jobd.protocol import ErrorCode, not_found
 from jobd.server import Server
 
 log = logging.getLogger("jobd")
 
-LOG_CHUNK = 65536  # bytes of captured output per logs event
+LOG_CHUNK = 65536  # bytes of captured output per logs event (and per read of the file)
+FINAL_FLUSH_SECONDS = 10.0  # seconds the last commit may take at exit before jobd gives up
 FOLLOW_POLL = 0.25  # seconds between reads of a growing output file (only while followed)
 
 
@@ -67,6 +71,7 @@ class Daemon:
         self.config = config
         self.started_at = time.time()
         self.stopping = False
+        self.exit_code = 0
         self._discard_results = False
         self._waiters: dict[int, list[_Waiter]] = {}
         self._grace_scope = trio.CancelScope()  # cut short by a second SIGTERM/SIGINT
@@ -127,14 +132,25 @@ class Daemon:
                     async for signum in signals:
                         log.info("received %s: shutting down", signal.Signals(signum).name)
                         break
-                    self.server.stop_accepting()
                     async with trio.open_nursery() as stopping:
                         stopping.start_soon(self._hurry_on_second_signal, signals)
                         await self._shutdown()
                         stopping.cancel_scope.cancel()
+                self.server.stop_accepting()
                 serving.cancel_scope.cancel()  # close the connections still open
             self.writer.close()
-            await self.writer.flush()
+            with trio.move_on_after(FINAL_FLUSH_SECONDS):
+                await self.writer.flush()
+            if not self.writer.healthy:
+                # Nothing in the pending batch was acknowledged; runs whose end
+                # is lost are recovered (and re-run) at the next start.
+                log.error(
+                    "exiting with changes not journaled (%s): nothing unjournaled was"
+                    " acknowledged; runs whose end was not recorded are recovered at"
+                    " the next start",
+                    self.writer.last_error,
+                )
+                self.exit_code = 1
             nursery.cancel_scope.cancel()
 
     async def _hurry_on_second_signal(self, signals: Any) -> None:
@@ -275,9 +291,25 @@ class Daemon:
         if not self.writer.healthy:
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE,
-                f"the journal cannot commit: {self.writer.last_error}",
-                hint="nothing was accepted; free disk space or fix the state"
-                " directory, jobd retries by itself",
+                f"the journal cannot commit ({self.writer.last_error}): nothing was accepted",
+                hint=self.writer.last_hint or "see the daemon log",
+            )
+
+    async def _journaled(self, batch: Batch, what: str) -> None:
+        """Wait until ``batch`` is committed; if its commit fails first, say so.
+
+        The batch is kept and retried: it is neither acknowledged nor
+        forgotten. The requester learns that at once instead of hanging
+        until the disk has room again."""
+        await batch.settled.wait()
+        if not batch.committed.is_set():
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                f"the journal cannot commit ({self.writer.last_error}): {what} is not"
+                " acknowledged; it is kept in memory and takes effect if the journal"
+                " recovers before the daemon stops",
+                hint=(self.writer.last_hint or "see the daemon log")
+                + "; check with `jobctl show` before trying again",
             )
 
     async def submit(self, new_runs: Iterable[NewRun], uid: int, pid: int | None) -> list[int]:
@@ -292,7 +324,8 @@ class Daemon:
         assert len(ids) == len(runs)  # the Created effects come first, in order
         detail = {"runs": len(ids), "first": ids[0], "last": ids[-1]}
         batch = self.writer.add(effects, AuditEntry(now, uid, pid, "submit", detail))
-        await batch.committed.wait()
+        first, last = ids[0], ids[-1]
+        await self._journaled(batch, f"run {first}" if first == last else f"runs {first}-{last}")
         return ids
 
     async def cancel(
@@ -318,7 +351,7 @@ class Daemon:
         done = [i for i, r in results.items() if r in ("cancelled", "cancelling")]
         audit = AuditEntry(time.time(), uid, pid, "cancel", {"runs": done}) if done else None
         batch = self.writer.add(effects, audit)
-        await batch.committed.wait()
+        await self._journaled(batch, "the cancel")
         return {i: results[i] for i in ids}
 
     @contextlib.contextmanager
@@ -345,10 +378,11 @@ class Daemon:
         # still reaches this waiter.
         with self._watching(ids) as waiter:
             summaries = await trio.to_thread.run_sync(self.journal.run_summaries, ids)
+            if len(summaries) < len(ids):
+                return summaries, False  # unknown ids: the caller answers not_found at once
             active = False
             for run_id in ids:
-                summary = summaries.get(run_id)
-                if summary is None or State(summary["state"]).terminal:
+                if State(summaries[run_id]["state"]).terminal:
                     waiter.discard(run_id)
                 else:
                     active = True
@@ -370,6 +404,9 @@ class Daemon:
             raise not_found([run_id])
         offset = 0
         chosen = attempt
+        # One decoder for the whole stream: a character split between two
+        # reads is decoded whole, not replaced.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             attempts = run["attempt_list"]
             if chosen is None and attempts:
@@ -382,12 +419,17 @@ class Daemon:
                 raise ProtocolError(ErrorCode.NOT_FOUND, f"run {run_id} has no attempt {attempt}")
             path = executor_mod.output_path(self.config.log_dir, run_id, chosen) if chosen else None
             if path is not None:
-                data, offset = await trio.to_thread.run_sync(_read_from, path, offset)
-                for start in range(0, len(data), LOG_CHUNK):
-                    await emit(data[start : start + LOG_CHUNK].decode(errors="replace"))
+                # A chunk at a time: a large output is never held in memory,
+                # and a slow reader slows the reads (emit waits for the socket).
+                while data := await trio.to_thread.run_sync(_read_chunk, path, offset):
+                    offset += len(data)
+                    if text := decoder.decode(data):
+                        await emit(text)
             # A run's terminal state is committed after its process exited, so
             # the read above, which came after that state was fetched, is complete.
             if not follow or State(run["state"]).terminal:
+                if text := decoder.decode(b"", final=True):
+                    await emit(text)
                 return {"id": run_id, "attempt": chosen, "state": run["state"]}
             with self._watching([run_id]) as waiter, trio.move_on_after(FOLLOW_POLL):
                 await waiter.done.wait()
@@ -439,14 +481,14 @@ class Daemon:
         }
 
 
-def _read_from(path: Path, offset: int) -> tuple[bytes, int]:
+def _read_chunk(path: Path, offset: int) -> bytes:
+    """Up to LOG_CHUNK bytes of ``path`` from ``offset`` (b"" at its end, or if missing)."""
     try:
         with open(path, "rb") as f:
             f.seek(offset)
-            data = f.read()
+            return f.read(LOG_CHUNK)
     except FileNotFoundError:
-        return b"", offset
-    return data, offset + len(data)
+        return b""
 
 
 def _make_dirs(config: Config) -> None:
@@ -501,12 +543,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.dev and args.config:
             parser.error("--dev and --config exclude each other")
         config = dev_config() if args.dev else load_config(args.config or Path(DEFAULT_CONFIG))
-        trio.run(Daemon(config).run)
+        daemon = Daemon(config)
+        trio.run(daemon.run)
     except JobdError as exc:
         print(f"jobd: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(0)
+    sys.exit(daemon.exit_code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
     │   └── RequestError         a well-formed request that cannot be served (not_found, …)
     └── ClientError              raised by jobd.client
         ├── DaemonNotRunning     nothing listens on the socket
+        ├── ConnectionLost       the daemon closed the connection or stopped answering
+        ├── RequestTooLarge      a request over the daemon's line limit (nothing was sent)
         └── RemoteError          the daemon answered with an error (``code``, ``message``)
 
 Run outcomes (a command exiting 1, a callable raising) are *not* errors: they
@@ -55,11 +57,21 @@ class JournalVersionError(JournalError):
 
 
 class ProtocolError(JobdError):
-    """A protocol violation; ``code`` is one of protocol.ErrorCode."""
+    """A protocol violation; ``code`` is one of protocol.ErrorCode.
 
-    def __init__(self, code: str, message: str, *, hint: str | None = None) -> None:
+    ``request_id`` is the id of the offending request when it could be read."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        hint: str | None = None,
+        request_id: int | str | None = None,
+    ) -> None:
         super().__init__(message, hint=hint)
         self.code = code
+        self.request_id = request_id
 
 
 class RequestError(ProtocolError):
@@ -72,6 +84,14 @@ class ClientError(JobdError):
 
 class DaemonNotRunning(ClientError):
     """Nothing is listening on the control socket."""
+
+
+class ConnectionLost(ClientError):
+    """The connection broke, or the daemon stopped answering, after it was made."""
+
+
+class RequestTooLarge(ClientError):
+    """A request would be longer than the daemon accepts; it was not sent."""
 
 
 class RemoteError(ClientError):

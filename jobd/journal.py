@@ -158,6 +158,11 @@ def _hint_for(exc: apsw.Error) -> str:
         return "check that the state directory exists and is writable by the daemon's user"
     if isinstance(exc, apsw.CorruptError | apsw.NotADBError):
         return "the journal file is damaged: restore it from a backup"
+    if isinstance(exc, apsw.IOError):
+        return (
+            "the disk refused a write: check free space, the kernel log (dmesg) and"
+            " the daemon's file size limit (ulimit -f); jobd retries by itself"
+        )
     return "see the daemon log for details"
 
 
@@ -621,6 +626,9 @@ class Batch:
     effects: list[Effect] = field(default_factory=list)
     audit: list[AuditEntry] = field(default_factory=list)
     committed: trio.Event = field(default_factory=trio.Event)
+    # Set when the batch is committed, or when a commit of it failed (it is
+    # kept and retried): a requester need not hang while the disk is full.
+    settled: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(frozen=True, slots=True)
@@ -645,6 +653,7 @@ class GroupCommitter:
         self._closing = False
         self.healthy = True
         self.last_error: str | None = None
+        self.last_hint: str | None = None
         self._commits = self._effects = self._largest = self._failed = self._checkpoints = 0
         self._checkpointing = False
         self._checkpointed_to = 0  # WAL pages when the last checkpoint started
@@ -668,12 +677,14 @@ class GroupCommitter:
                 batch, self._pending = self._pending, Batch()
                 if not batch.effects and not batch.audit:
                     batch.committed.set()
+                    batch.settled.set()
                     if self._closing:
                         return
                     continue
                 await self._commit(batch)
                 self.on_commit(batch.effects)
                 batch.committed.set()
+                batch.settled.set()
                 self._maybe_checkpoint(nursery)
 
     def _maybe_checkpoint(self, nursery: trio.Nursery) -> None:
@@ -707,7 +718,9 @@ class GroupCommitter:
             except JournalError as exc:
                 self._failed += 1
                 self.healthy = False
-                self.last_error = str(exc)
+                self.last_error = exc.message
+                self.last_hint = exc.hint
+                batch.settled.set()
                 log.error("journal commit failed (retrying in %.1fs): %s", delay, exc)
                 await trio.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX)
@@ -715,7 +728,7 @@ class GroupCommitter:
             if not self.healthy:
                 log.warning("journal commits work again")
             self.healthy = True
-            self.last_error = None
+            self.last_error = self.last_hint = None
             self._commits += 1
             self._effects += len(batch.effects)
             self._largest = max(self._largest, len(batch.effects))

@@ -31,6 +31,7 @@ DEFAULT_MAX_BATCH = 10_000  # runs per submit request
 DEFAULT_LIST_LIMIT = 100  # runs per list page
 MAX_LIST_LIMIT = 1_000  # runs per list page, upper bound
 MAX_NESTING = 32  # levels of arrays/objects inside a callable's args or kwargs
+NOT_FOUND_LISTED = 20  # ids named in a not_found message; the rest are counted
 MAX_RUN_ID = 2**63 - 1  # SQLite's largest INTEGER: a larger id cannot even be looked up
 
 
@@ -72,9 +73,40 @@ METHODS: dict[str, Role] = {
 }
 STREAMING = frozenset({"logs"})
 
+SPEC_FIELDS = frozenset(
+    {"command", "shell", "call", "args", "kwargs", "env", "cwd", "pool", "priority", "name", "tags"}
+)
+# The parameters each method accepts: any other is refused, so that a typo
+# ("folow") is an error instead of a silently different request. hello is
+# the exception: newer clients may introduce themselves with more.
+PARAMS: dict[str, frozenset[str]] = {
+    "submit": SPEC_FIELDS | {"runs"},
+    "get": frozenset({"id"}),
+    "list": frozenset({"state", "pool", "name", "tag", "limit", "cursor"}),
+    "cancel": frozenset({"ids"}),
+    "logs": frozenset({"id", "attempt", "follow"}),
+    "wait": frozenset({"ids", "timeout"}),
+    "stats": frozenset(),
+}
+
 
 def encode(message: dict[str, Any]) -> bytes:
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    """One message line. Raises ValueError for NaN/Infinity (not JSON) and
+    UnicodeEncodeError for text that is not valid Unicode."""
+    return (
+        json.dumps(message, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+        + b"\n"
+    )
+
+
+def check_params(method: str, params: dict[str, Any]) -> None:
+    """Refuse parameters ``method`` does not know (``invalid_params``)."""
+    accepted = PARAMS.get(method)
+    if accepted is None or accepted.issuperset(params):
+        return
+    unknown = ", ".join(repr(k) for k in sorted(set(params) - accepted))
+    known = ", ".join(repr(k) for k in sorted(accepted)) or "no parameters"
+    raise invalid(f"{method}: unknown parameter(s) {unknown}; it accepts {known}")
 
 
 class LineBuffer:
@@ -105,6 +137,11 @@ class LineBuffer:
     @property
     def pending(self) -> int:
         return len(self._buf)
+
+    @property
+    def rest(self) -> bytes:
+        """The bytes of an unfinished line."""
+        return bytes(self._buf)
 
 
 def _too_large(limit: int) -> ProtocolError:
@@ -167,14 +204,19 @@ def parse_request(line: bytes) -> Request:
         isinstance(request_id, bool) or not isinstance(request_id, int | str)
     ):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "'id' must be an integer or a string")
+    # From here on the id is known: errors echo it, so the client can match them.
     method = message.get("method")
     if not isinstance(method, str):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "'method' must be a string")
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST, "'method' must be a string", request_id=request_id
+        )
     params = message.get("params", {})
     if params is None:
         params = {}
     if not isinstance(params, dict):
-        raise ProtocolError(ErrorCode.INVALID_REQUEST, "'params' must be a JSON object")
+        raise ProtocolError(
+            ErrorCode.INVALID_REQUEST, "'params' must be a JSON object", request_id=request_id
+        )
     return Request(request_id, method, params)
 
 
@@ -183,9 +225,6 @@ def parse_request(line: bytes) -> Request:
 _CALL_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _ENV_NAME_RE = re.compile(r"^[^=\0]+$")
 _KINDS = (("command", Kind.COMMAND), ("shell", Kind.SHELL), ("call", Kind.CALL))
-SPEC_FIELDS = frozenset(
-    {"command", "shell", "call", "args", "kwargs", "env", "cwd", "pool", "priority", "name", "tags"}
-)
 
 
 def _nested_deeper(value: Any, limit: int) -> bool:
@@ -208,7 +247,10 @@ def invalid(message: str, hint: str | None = None) -> ProtocolError:
 
 
 def not_found(run_ids: Iterable[int]) -> ProtocolError:
-    ids = ", ".join(map(str, run_ids))
+    listed = list(run_ids)
+    ids = ", ".join(map(str, listed[:NOT_FOUND_LISTED]))
+    if len(listed) > NOT_FOUND_LISTED:
+        ids += f" and {len(listed) - NOT_FOUND_LISTED} more"
     return ProtocolError(
         ErrorCode.NOT_FOUND, f"no run with id {ids}", hint="`jobctl ls` lists runs"
     )

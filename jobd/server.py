@@ -6,6 +6,11 @@ concurrently (up to ``max_inflight`` per connection) and reply in any order.
 A client that disconnects mid-request does not disturb anything: state
 changes already handed to the daemon are committed, the reply is dropped,
 and long-polls (``wait``, ``logs --follow``) are cancelled.
+
+Memory per connection is bounded: at most ``max_inflight`` requests are
+being answered, and while more than ``max_line`` bytes of replies wait for a
+client that does not read them, the reader stops reading its requests
+(backpressure through the socket, instead of an ever-growing reply queue).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import errno
 import grp
 import logging
+import math
 import os
 import pwd
 import socket as stdsocket
@@ -39,6 +45,7 @@ from jobd.protocol import (
     LineBuffer,
     Request,
     Role,
+    check_params,
     encode,
     invalid,
     not_found,
@@ -54,7 +61,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobd.server")
 
 RECEIVE_CHUNK = 65536  # bytes read from a client socket at a time
-LONG_POLL = frozenset({"wait", "logs"})
+LINGER_SECONDS = 5.0  # seconds spent reading and discarding input after a fatal error
+LINGER_BYTES = 64 * 1024 * 1024  # bytes discarded at most after a fatal error
+LIST_REPLY_OVERHEAD = 256  # bytes of a list reply besides its runs (id, cursor, framing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +112,8 @@ class Connection:
     role: Role
     hello: bool = False
     inflight: int = 0
+    unsent: int = 0  # bytes of replies computed but not yet written
+    sent: trio.Event = field(default_factory=trio.Event)  # set (and replaced) per reply written
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     closed: bool = False
 
@@ -118,8 +129,41 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.closed = True  # the client went away; nothing to do
 
+    async def reply(self, line: bytes) -> None:
+        """Send a computed reply, accounted in ``unsent`` until it is written."""
+        self.unsent += len(line)
+        try:
+            await self.send_line(line)
+        finally:
+            self.unsent -= len(line)
+            self.sent.set()
+            self.sent = trio.Event()
+
+    async def room_to_read(self, limit: int) -> None:
+        """Wait while more than ``limit`` bytes of replies wait for the client."""
+        while self.unsent > limit and not self.closed:
+            await self.sent.wait()
+
     async def error(self, request_id: Any, exc: ProtocolError) -> None:
         await self.send_line(_error_line(request_id, exc))
+
+    async def fatal(self, exc: ProtocolError) -> None:
+        """Send an error after which the connection is closed, and make sure it arrives.
+
+        The client may still be writing the rest of an oversized line: closing
+        with unread input would reset the connection and destroy the error
+        before the client reads it. So: send, shut our side, then read and
+        discard (for a bounded time and size) until the client closes."""
+        await self.error(exc.request_id, exc)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.send_eof()
+            with trio.move_on_after(LINGER_SECONDS):
+                discarded = 0
+                while discarded < LINGER_BYTES:
+                    data = await self.stream.receive_some(RECEIVE_CHUNK)
+                    if not data:
+                        break
+                    discarded += len(data)
 
 
 Handler = Callable[["Server", Connection, dict[str, Any], Request], Awaitable[Any]]
@@ -222,45 +266,71 @@ class Server:
         self, conn: Connection, requests: trio.Nursery, polls: trio.Nursery
     ) -> None:
         buffer = LineBuffer(self.config.max_line)
-        while True:
-            try:
-                data = await conn.stream.receive_some(RECEIVE_CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            try:
-                lines = buffer.feed(data)
-            except ProtocolError as exc:
-                await conn.error(None, exc)
-                return
-            for line in lines:
-                if not line.strip():
-                    continue
+        # A connection that never says hello would hold one of max_connections
+        # slots for ever: it gets hello_timeout to do so.
+        hello_deadline = trio.CancelScope(deadline=trio.current_time() + self.config.hello_timeout)
+        with hello_deadline:
+            while True:
+                await conn.room_to_read(self.config.max_line)
                 try:
-                    request = parse_request(line)
+                    data = await conn.stream.receive_some(RECEIVE_CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
+                if not data:
+                    if buffer.rest.strip():
+                        await conn.error(
+                            None,
+                            ProtocolError(
+                                ErrorCode.INVALID_REQUEST,
+                                "the connection ended inside a line: a request must end"
+                                " with a newline",
+                            ),
+                        )
+                    return
+                try:
+                    lines = buffer.feed(data)
                 except ProtocolError as exc:
-                    await conn.error(None, exc)
-                    if exc.code == ErrorCode.INVALID_JSON:
-                        return  # garbage: the stream cannot be trusted any more
-                    continue
-                if not conn.hello or request.method == "hello":  # hello has no handler
-                    await self._hello(conn, request)
-                    continue
-                if conn.inflight >= self.config.max_inflight:
-                    await conn.error(
-                        request.id,
-                        ProtocolError(
-                            ErrorCode.BUSY,
-                            f"more than {self.config.max_inflight} requests in"
-                            " flight on this connection",
-                            hint="wait for replies before sending more",
-                        ),
-                    )
-                    continue
-                conn.inflight += 1
-                nursery = polls if request.method in LONG_POLL else requests
-                nursery.start_soon(self._dispatch, conn, request)
+                    await conn.fatal(exc)
+                    return
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    try:
+                        request = parse_request(line)
+                    except ProtocolError as exc:
+                        if exc.code == ErrorCode.INVALID_JSON:
+                            await conn.fatal(exc)  # garbage: the stream cannot be trusted
+                            return
+                        await conn.error(exc.request_id, exc)
+                        continue
+                    if not conn.hello or request.method == "hello":  # hello has no handler
+                        await self._hello(conn, request)
+                        if conn.hello:
+                            hello_deadline.deadline = math.inf
+                        continue
+                    if conn.inflight >= self.config.max_inflight:
+                        await conn.error(
+                            request.id,
+                            ProtocolError(
+                                ErrorCode.BUSY,
+                                f"more than {self.config.max_inflight} requests in"
+                                " flight on this connection",
+                                hint="wait for replies before sending more",
+                            ),
+                        )
+                        continue
+                    conn.inflight += 1
+                    nursery = polls if _is_long_poll(request) else requests
+                    nursery.start_soon(self._dispatch, conn, request)
+        if hello_deadline.cancelled_caught:
+            await conn.error(
+                None,
+                ProtocolError(
+                    ErrorCode.HELLO_REQUIRED,
+                    f"no hello within {self.config.hello_timeout:g}s: closing the connection",
+                    hint="send hello first (docs/protocol.md)",
+                ),
+            )
 
     async def _hello(self, conn: Connection, request: Request) -> None:
         if request.method != "hello":
@@ -288,6 +358,7 @@ class Server:
             return
         conn.hello = True
         roles = [r.name.lower() for r in Role if Role.NONE < r <= conn.role]
+        c = self.config
         await conn.send(
             {
                 "id": request.id,
@@ -297,6 +368,11 @@ class Server:
                     "pid": os.getpid(),
                     "uid": conn.peer.uid,
                     "roles": roles,
+                    "limits": {
+                        "max_line": c.max_line,
+                        "max_batch": c.max_batch,
+                        "max_inflight": c.max_inflight,
+                    },
                 },
             }
         )
@@ -306,7 +382,7 @@ class Server:
             line = await self._answer(conn, request)
         finally:
             conn.inflight -= 1  # free the slot before the client can see the answer
-        await conn.send_line(line)
+        await conn.reply(line)
 
     async def _answer(self, conn: Connection, request: Request) -> bytes:
         """The reply line to a request (streaming methods send their events themselves)."""
@@ -321,6 +397,7 @@ class Server:
                 )
             if conn.role < needed:
                 raise _forbidden(f"{request.method} needs the {needed.name.lower()} role")
+            check_params(request.method, request.params)
             result = await handler(self, conn, request.params, request)
             return encode({"id": request.id, "result": result})
         except ProtocolError as exc:
@@ -425,8 +502,18 @@ class Server:
                 states=states, before=before, limit=limit + 1, **filters
             )
         )
-        next_cursor = str(runs[limit - 1]["id"]) if len(runs) > limit else None
-        return {"runs": runs[:limit], "next_cursor": next_cursor}
+        # A page is also bounded in bytes, so that its reply line stays within
+        # max_line however large the runs' commands are: at least one run,
+        # then as many as fit.
+        budget = self.config.max_line - LIST_REPLY_OVERHEAD
+        page = min(limit, len(runs))
+        for i, run in enumerate(runs[:limit]):
+            budget -= len(encode(run))
+            if budget < 0 and i > 0:
+                page = i
+                break
+        next_cursor = str(runs[page - 1]["id"]) if len(runs) > page else None
+        return {"runs": runs[:page], "next_cursor": next_cursor}
 
     async def handle_cancel(
         self, conn: Connection, params: dict[str, Any], request: Request
@@ -479,6 +566,13 @@ HANDLERS: dict[str, Handler] = {
     "wait": Server.handle_wait,
     "stats": Server.handle_stats,
 }
+
+
+def _is_long_poll(request: Request) -> bool:
+    """Requests that wait for the future: cancelled when the client goes away."""
+    return request.method == "wait" or (
+        request.method == "logs" and request.params.get("follow") is True
+    )
 
 
 def _error_line(request_id: Any, exc: ProtocolError) -> bytes:

@@ -18,7 +18,7 @@ import trio
 
 from jobd.client import AsyncClient, Client, default_socket_path
 from jobd.config import DEFAULT_SOCKET
-from jobd.errors import ClientError, DaemonNotRunning, RemoteError
+from jobd.errors import ClientError, DaemonNotRunning, RemoteError, RequestTooLarge
 from tests.conftest import DaemonProcess, wait_for
 
 TIMEOUT = 60.0  # seconds a reply may take: only matters when something is broken
@@ -425,3 +425,52 @@ async def test_async_client_daemon_not_running(workdir: Path) -> None:
     with pytest.raises(ClientError, match="not connected"):
         await AsyncClient(workdir / "missing.sock").stats()
     assert os.listdir(workdir) == ["stale.sock"]
+
+
+def test_batches_are_split_to_fit_the_daemon_line_limit(daemon_factory: Any) -> None:
+    """max_batch counts runs; max_line counts bytes. The client learns both from hello
+    and splits a batch until each request fits, keeping the ids in submission order."""
+    d = daemon_factory("[limits]\nmax_line = 16384\n")
+    d.start()
+    runs = [{"command": ["true", "y" * 600], "name": f"wide-{i}"} for i in range(100)]
+    with Client(d.socket, timeout=TIMEOUT) as client:
+        assert client.server_info["limits"]["max_line"] == 16384
+        ids = client.submit_many(runs)
+        assert len(ids) == 100 and ids == sorted(ids)
+        assert [client.get(i)["name"] for i in (ids[0], ids[57], ids[-1])] == [
+            "wide-0",
+            "wide-57",
+            "wide-99",
+        ]
+        # One run larger than the limit cannot be split: a clear error, nothing sent,
+        # and the connection stays usable.
+        with pytest.raises(RequestTooLarge, match="16384"):
+            client.submit(command=["true", "z" * 20_000])
+        with pytest.raises(RequestTooLarge):
+            client.submit_many([{"command": ["true"]}, {"command": ["true", "z" * 20_000]}])
+        assert client.stats()["daemon"]["healthy"]
+
+
+async def test_async_client_splits_batches_too(daemon_factory: Any) -> None:
+    d = daemon_factory("[limits]\nmax_line = 16384\n")
+    d.start()
+    runs = [{"command": ["true", "y" * 600]} for _ in range(60)]
+    async with AsyncClient(d.socket) as client:
+        ids = await client.submit_batches([runs, runs], window=2)
+    assert len(ids) == 120 and ids == sorted(ids)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"call": "jobd.demo:add", "args": [float("nan")], "pool": "python"},
+        {"call": "jobd.demo:add", "kwargs": {"a": float("inf")}, "pool": "python"},
+        {"command": ["echo", "caf\udce9"]},  # an undecodable byte, as os.fsdecode gives it
+    ],
+    ids=["nan", "infinity", "surrogate"],
+)
+def test_unsendable_parameters_are_a_client_error(client: Client, fields: dict[str, Any]) -> None:
+    with pytest.raises(ClientError, match="cannot send") as info:
+        client.submit(**fields)
+    assert not isinstance(info.value, RemoteError)
+    assert client.stats()["daemon"]["healthy"]  # nothing was sent: the connection is fine

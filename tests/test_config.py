@@ -261,3 +261,32 @@ def test_load_config_reports_the_file_in_each_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert info.value.problems[0].startswith(f"{path}: daemon.kill_grace:")
+
+
+def test_unknown_socket_group_is_refused() -> None:
+    (problem,) = problems({"daemon": {"socket_group": "no-such-group-here"}})
+    assert "daemon.socket_group" in problem and "no-such-group-here" in problem
+
+
+def test_hello_timeout() -> None:
+    config = parse_config({"limits": {"hello_timeout": "250ms"}}, source="t", base=BASE)
+    assert config.hello_timeout == 0.25
+    (problem,) = problems({"limits": {"hello_timeout": "soon"}})
+    assert "limits.hello_timeout" in problem
+
+
+def test_load_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "jobd.toml"
+    path.write_bytes(b"[daemon]\nstate_dir = '\xff'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem == f"{path}: not UTF-8 text (byte 0xff at offset 22)"
+
+
+def test_dev_config_in_a_too_deep_directory_says_what_to_do(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    with pytest.raises(ConfigError) as info:
+        dev_config(deep)
+    assert "daemon.socket" in info.value.problems[0]
+    assert info.value.hint is not None and "--config" in info.value.hint

@@ -224,6 +224,9 @@ async def test_failed_commit_is_retried_and_marks_the_writer_unhealthy(
             await trio.to_thread.run_sync(journal.attempts.acquire)
         assert not writer.healthy and "full" in (writer.last_error or "")
         assert not batch.committed.is_set()  # nothing acknowledged that is not durable
+        # ...but its requesters need not hang until the disk has room: the batch
+        # is settled (failed for now, kept and retried).
+        assert batch.settled.is_set()
         journal.failing = False
         await batch.committed.wait()
         assert writer.healthy and writer.last_error is None

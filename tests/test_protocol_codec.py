@@ -14,7 +14,9 @@ from jobd.protocol import (
     ErrorCode,
     LineBuffer,
     Request,
+    check_params,
     encode,
+    not_found,
     parse_request,
     parse_submission,
     parse_submissions,
@@ -130,6 +132,30 @@ def test_parse_request_invalid_request(line: bytes, mentions: str) -> None:
         parse_request(line)
     assert info.value.code == ErrorCode.INVALID_REQUEST
     assert mentions in info.value.message
+    # Once the id itself is valid, the error carries it (the reply echoes it).
+    assert info.value.request_id == (1 if mentions in ("'method'", "'params'") else None)
+
+
+def test_check_params_names_the_unknown_and_the_accepted() -> None:
+    check_params("logs", {"id": 1, "follow": True})
+    check_params("hello", {"protocol": 1, "client": "anything"})  # hello is open-ended
+    with pytest.raises(ProtocolError) as info:
+        check_params("logs", {"id": 1, "folow": True})
+    assert info.value.code == ErrorCode.INVALID_PARAMS
+    assert "'folow'" in info.value.message and "'follow'" in info.value.message
+
+
+def test_not_found_names_a_bounded_number_of_ids() -> None:
+    assert not_found([7]).message == "no run with id 7"
+    message = not_found(range(1, 10_001)).message
+    assert message.endswith("and 9980 more") and len(message) < 200
+
+
+def test_encode_refuses_what_is_not_json() -> None:
+    with pytest.raises(ValueError):
+        encode({"x": float("nan")})
+    with pytest.raises(UnicodeEncodeError):
+        encode({"x": "\udcff"})
 
 
 # -- submissions -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import traceback
 from collections.abc import Iterator
@@ -326,7 +327,10 @@ def test_invalid_json_before_hello_closes_the_connection(shared: DaemonProcess) 
 def test_not_a_request_object_is_invalid_request_and_the_connection_stays_usable(
     shared: DaemonProcess, conn: Raw, line: bytes, names: list[str]
 ) -> None:
-    line_error(conn, line, "invalid_request", *names)
+    conn.send_line(line)
+    # Once the id has been read (it is valid), the error echoes it.
+    request_id = 1 if names[0] in ("'method'", "'params'") else None
+    check_error(conn.read(), "invalid_request", *names, request_id=request_id)
     assert_usable(conn)
     assert_serves(shared)
 
@@ -988,3 +992,131 @@ def test_the_shared_daemon_is_still_healthy(shared: DaemonProcess) -> None:
     listed, _ = _list_all(c, {}, 1000)
     assert len(listed) == sum(stats["states"].values()), stats
     c.close()
+
+
+# -- review fixes: limits that clients can see and live with -------------------------
+
+
+def test_an_oversized_line_gets_its_error_even_while_the_client_is_still_writing(
+    daemon_factory: Any,
+) -> None:
+    """A line far larger than the socket buffers: the daemon answers too_large, then
+    reads and discards the rest, so the client finishes writing and reads the error
+    instead of a reset connection."""
+    d = daemon_factory("[limits]\nmax_line = 2048\n")
+    d.start()
+    c = d.raw()
+    c.sock.sendall(b"x" * (8 * 1024 * 1024) + b"\n")  # no EPIPE, no reset
+    check_error(c.read(), "too_large", "2048", request_id=None)
+    assert_closed(c)  # a clean EOF, not ECONNRESET
+    assert_serves(d)
+
+
+def test_hello_announces_the_limits(daemon_factory: Any) -> None:
+    d = daemon_factory("[limits]\nmax_line = 65536\nmax_batch = 7\nmax_inflight = 5\n")
+    d.start()
+    c = d.raw(hello=False)
+    hello = c.result("hello", {"protocol": 1, "client": "a newer client, say"})
+    assert hello["limits"] == {"max_line": 65536, "max_batch": 7, "max_inflight": 5}
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "unknown"),
+    [
+        ("logs", {"id": 1, "folow": True}, "'folow'"),
+        ("list", {"states": "queued"}, "'states'"),
+        ("get", {"id": 1, "extra": 1}, "'extra'"),
+        ("stats", {"verbose": True}, "'verbose'"),
+        ("submit", {"runs": [{"command": ["true"]}], "window": 4}, "'window'"),
+    ],
+)
+def test_unknown_parameters_are_refused(
+    shared: DaemonProcess, conn: Raw, method: str, params: dict[str, Any], unknown: str
+) -> None:
+    request_error(conn, method, params, "invalid_params", unknown, method)
+    assert_usable(conn)
+
+
+def test_list_pages_stay_within_max_line(daemon_factory: Any) -> None:
+    """Runs as large as a request allows: a list page holds as many as fit in one
+    reply line (at least one), and the cursor leads to the rest."""
+    d = daemon_factory("[limits]\nmax_line = 65536\n")
+    d.start()
+    c = d.raw()
+    ids = [
+        c.result("submit", {"command": ["true", str(i) * 30_000], "name": f"big{i}"})["id"]
+        for i in range(5)
+    ]
+    seen: list[int] = []
+    params: dict[str, Any] = {"limit": 100}
+    while True:
+        c.send("list", params)
+        line = c.file.readline()
+        assert len(line) <= 65536 + 1024, len(line)
+        page = json.loads(line)["result"]
+        assert 1 <= len(page["runs"]) < 5
+        seen += [r["id"] for r in page["runs"]]
+        if page["next_cursor"] is None:
+            break
+        params = {"limit": 100, "cursor": page["next_cursor"]}
+    assert sorted(seen) == sorted(ids)
+    wait_runs(c, ids)
+
+
+def test_a_connection_without_hello_is_closed_after_hello_timeout(daemon_factory: Any) -> None:
+    d = daemon_factory('[limits]\nhello_timeout = "200ms"\n')
+    d.start()
+    c = d.raw(hello=False)  # says nothing at all
+    check_error(c.read(), "hello_required", "hello", request_id=None)
+    assert_closed(c)
+    c = d.raw()  # a connection that said hello is never timed out
+    assert_usable(c)
+
+
+def test_a_last_line_without_newline_gets_an_error(shared: DaemonProcess, conn: Raw) -> None:
+    conn.file.write(b'{"id": 9, "method": "stats"}')
+    conn.file.flush()
+    conn.sock.shutdown(socket.SHUT_WR)
+    check_error(conn.read(), "invalid_request", "newline", request_id=None)
+    assert_closed(conn)
+
+
+def test_logs_without_follow_is_answered_after_the_client_half_closes(
+    shared: DaemonProcess, conn: Raw
+) -> None:
+    run_id = assert_serves(shared)
+    request_id = conn.send("logs", {"id": run_id})
+    conn.sock.shutdown(socket.SHUT_WR)  # as `nc -N` does after its input
+    reply = conn.read()
+    while reply is not None and "event" in reply:
+        reply = conn.read()
+    assert reply is not None and reply["id"] == request_id and "result" in reply, reply
+
+
+def test_wait_for_an_unknown_run_is_not_found_at_once(shared: DaemonProcess, conn: Raw) -> None:
+    stopfile = Path(tempfile.mkdtemp(prefix="jobd-w", dir="/tmp")) / "stop"
+    try:
+        running = conn.result("submit", {"command": blocking_command(stopfile)})["id"]
+        # The other run never ends while this request is served: not_found cannot
+        # have waited for it.
+        request_error(conn, "wait", {"ids": [running, MISSING]}, "not_found", str(MISSING))
+    finally:
+        stopfile.touch()
+        shutil.rmtree(stopfile.parent, ignore_errors=True)
+    wait_runs(conn, [running])
+
+
+def test_logs_keep_multibyte_characters_whole_across_chunks(
+    shared: DaemonProcess, conn: Raw
+) -> None:
+    # 65,535 ASCII bytes, then two-byte characters: the first straddles the
+    # daemon's 64 KiB read and event boundary.
+    script = "import sys; sys.stdout.write('a' * 65535 + '\u00e9' * 10)"
+    run_id = conn.result("submit", {"command": ["python3", "-c", script]})["id"]
+    wait_runs(conn, [run_id])
+    request_id = conn.send("logs", {"id": run_id})
+    text = ""
+    while (reply := conn.read()) is not None and "event" in reply:
+        text += reply["event"]["data"]
+    assert reply is not None and reply["id"] == request_id and "result" in reply, reply
+    assert text == "a" * 65535 + "\u00e9" * 10
