@@ -42,6 +42,7 @@ import functools
 import json
 import logging
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -214,8 +215,10 @@ class Journal:
         self.checkpoint_pages = checkpoint_pages
         self.checkpoint_pages_max = checkpoint_pages_max
         self.wal_pages = 0  # pages in the WAL after the last commit (the WAL hook says)
-        self._local = threading.local()
-        self._readers: list[apsw.Connection] = []
+        # Read connections are pooled, not per thread: trio retires idle worker
+        # threads, and a connection per thread leaked two fds per idle spell.
+        self._idle_readers: queue.SimpleQueue[apsw.Connection] = queue.SimpleQueue()
+        self._readers: list[apsw.Connection] = []  # every one opened, to close them
         self._readers_lock = threading.Lock()
         self._checkpointer: apsw.Connection | None = None
         self._db = self._open_writer()
@@ -297,19 +300,33 @@ class Journal:
         pages, copied = self._checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
         return pages, copied
 
-    # -- reads (any thread; each thread has its own connection) ------------
+    # -- reads (any thread; a pooled connection per query) -------------------
 
-    def _reader(self) -> apsw.Connection:
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[apsw.Connection]:
+        """A read connection for one read, in one transaction (a consistent
+        snapshot), returned to the pool after. The pool holds as many
+        connections as reads ever ran at once."""
         if self.path == ":memory:":
-            return self._db  # one private database: tests and tools only
-        db: apsw.Connection | None = getattr(self._local, "db", None)
-        if db is None:
+            yield self._db  # one private database: tests and tools only
+            return
+        try:
+            db = self._idle_readers.get_nowait()
+        except queue.Empty:
             db = apsw.Connection(self.path, flags=apsw.SQLITE_OPEN_READONLY)
             db.setbusytimeout(5000)
-            self._local.db = db
             with self._readers_lock:
                 self._readers.append(db)
-        return db
+        try:
+            with db:
+                yield db
+        finally:
+            self._idle_readers.put(db)
+
+    @property
+    def read_connections(self) -> int:
+        """Read connections opened so far (they are reused, never more than needed)."""
+        return len(self._readers)
 
     @_translate("cannot read the journal")
     def load_active(self) -> tuple[list[Run], int]:
@@ -347,29 +364,8 @@ class Journal:
 
     @_translate("cannot read the journal")
     def get_run(self, run_id: int) -> dict[str, Any] | None:
-        db = self._reader()
-        rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchall()
-        if not rows:
-            return None
-        run = _run_json(rows[0])
-        run["attempt_list"] = [
-            {
-                "attempt": a[0],
-                "started_at": a[1],
-                "ended_at": a[2],
-                "outcome": a[3],
-                "exit_code": a[4],
-                "error": a[5],
-                "output": a[6],
-                "pid": a[7],
-            }
-            for a in db.execute(
-                "SELECT attempt, started_at, ended_at, outcome, exit_code, error, output, pid"
-                " FROM attempts WHERE run_id = ? ORDER BY attempt",
-                (run_id,),
-            )
-        ]
-        return run
+        with self._reading() as db:
+            return _run_with_attempts(db, run_id)
 
     @_translate("cannot read the journal")
     def list_runs(
@@ -406,7 +402,8 @@ class Journal:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
-        return [_run_json(r) for r in self._reader().execute(sql, args)]
+        with self._reading() as db:
+            return [_run_json(r) for r in db.execute(sql, args)]
 
     @_translate("cannot read the journal")
     def run_summaries(self, run_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -414,11 +411,14 @@ class Journal:
 
         One statement for the whole list (a wait on 10,000 runs is one query,
         not 10,000)."""
-        rows = self._reader().execute(
-            "SELECT id, state, exit_code, owner, attempts, reason FROM runs"
-            " WHERE id IN (SELECT value FROM json_each(?))",
-            (json.dumps(list(run_ids)),),
-        )
+        with self._reading() as db:
+            rows = _rows(
+                db.execute(
+                    "SELECT id, state, exit_code, owner, attempts, reason FROM runs"
+                    " WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(list(run_ids)),),
+                )
+            )
         return {
             row[0]: {
                 "id": row[0],
@@ -433,10 +433,18 @@ class Journal:
 
     @_translate("cannot read the journal")
     def count_by_state(self) -> dict[str, int]:
-        return dict(self._reader().execute("SELECT state, count(*) FROM runs GROUP BY state"))
+        with self._reading() as db:
+            return dict(db.execute("SELECT state, count(*) FROM runs GROUP BY state"))
 
     @_translate("cannot read the journal")
     def audit_entries(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._reading() as db:
+            rows = _rows(
+                db.execute(
+                    "SELECT id, at, uid, pid, action, detail FROM audit ORDER BY id DESC LIMIT ?",
+                    (limit,),
+                )
+            )
         return [
             {
                 "id": r[0],
@@ -446,10 +454,7 @@ class Journal:
                 "action": r[4],
                 "detail": json.loads(r[5]),
             }
-            for r in self._reader().execute(
-                "SELECT id, at, uid, pid, action, detail FROM audit ORDER BY id DESC LIMIT ?",
-                (limit,),
-            )
+            for r in rows
         ]
 
     @_translate("integrity check failed")
@@ -467,6 +472,31 @@ class Journal:
                 self._checkpointer.close()
         with contextlib.suppress(apsw.Error):
             self._db.close()
+
+
+def _run_with_attempts(db: apsw.Connection, run_id: int) -> dict[str, Any] | None:
+    rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchall()
+    if not rows:
+        return None
+    run = _run_json(rows[0])
+    run["attempt_list"] = [
+        {
+            "attempt": a[0],
+            "started_at": a[1],
+            "ended_at": a[2],
+            "outcome": a[3],
+            "exit_code": a[4],
+            "error": a[5],
+            "output": a[6],
+            "pid": a[7],
+        }
+        for a in db.execute(
+            "SELECT attempt, started_at, ended_at, outcome, exit_code, error, output, pid"
+            " FROM attempts WHERE run_id = ? ORDER BY attempt",
+            (run_id,),
+        )
+    ]
+    return run
 
 
 def _rows(cursor: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -287,4 +288,23 @@ def test_memory_journal_has_no_wal_to_checkpoint() -> None:
     for i in range(1, 21):
         journal.write([created(i)])
     assert journal.wal_pages == 0
+    journal.close()
+
+
+def test_reads_from_many_short_lived_threads_reuse_connections(tmp_path: Path) -> None:
+    # trio retires idle worker threads: each read may come from a new thread. A
+    # connection per thread leaked two fds per idle spell until the daemon ran out.
+    journal = Journal(str(tmp_path / "j.db"), "normal")
+    journal.write([created(1)])
+    for _ in range(50):
+        thread = threading.Thread(target=lambda: (journal.get_run(1), journal.count_by_state()))
+        thread.start()
+        thread.join()
+    assert journal.read_connections == 1
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        thread = threading.Thread(target=lambda: journal.list_runs(limit=5))
+        thread.start()
+        thread.join()
+    assert len(os.listdir("/proc/self/fd")) == fds
     journal.close()
