@@ -256,7 +256,7 @@ class Daemon:
 
     def _after_commit(self, effects: list[Effect]) -> None:
         """Carry out the actions of a committed batch, then wake whoever waits on it."""
-        leftovers = [(e.run_id, e.attempt) for e in effects if type(e) is KillLeftovers]
+        leftovers = [e for e in effects if type(e) is KillLeftovers]
         if leftovers:
             # Before any start in this batch: a leftover must never overlap its retry.
             killed = executor_mod.kill_leftovers(self.journal.instance, leftovers)

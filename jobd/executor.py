@@ -34,7 +34,7 @@ import trio
 
 from jobd import context
 from jobd.config import PoolConfig
-from jobd.core.effects import Started
+from jobd.core.effects import KillLeftovers, Started
 from jobd.core.model import Kind, Outcome, Result
 from jobd.core.scheduler import ProcessStarted
 
@@ -361,33 +361,68 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def kill_leftovers(instance: str, attempts: Iterable[tuple[int, int]]) -> list[int]:
+LEFTOVER_START_SLACK = 2.0  # seconds: /proc start times have whole-second boot time
+
+
+def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int]:
     """SIGKILL every process group left over from lost attempts; return the pgids killed.
 
-    A process belongs to a lost attempt if its environment carries this
-    journal's ``JOBD_INSTANCE`` and the attempt's ``JOBD_RUN_ID``, which finds
-    it even when the daemon died before it could journal the pid, and never
-    hits an unrelated process that recycled a recorded pid. The whole process
-    group of every such process is killed, so members that cleared their
-    environment die with it.
+    A process belongs to a lost attempt if
+
+    - its environment carries this journal's ``JOBD_INSTANCE`` and the
+      attempt's ``JOBD_RUN_ID``/``JOBD_ATTEMPT``: this finds it even when the
+      daemon died before it could journal the pid; or
+    - its process group is the attempt's journaled pid and it started after
+      the attempt did: this finds a job that cleared or replaced its
+      environment (``env -i``, ``su -``), even once its leader has exited,
+      and never an unrelated group that recycled the number earlier.
+
+    The whole process group of every such process is killed.
     """
-    wanted = {
-        (b"JOBD_RUN_ID=%d" % run_id, b"JOBD_ATTEMPT=%d" % attempt) for run_id, attempt in attempts
-    }
-    if not wanted:
+    attempts = list(attempts)
+    if not attempts:
         return []
+    wanted = {(b"JOBD_RUN_ID=%d" % a.run_id, b"JOBD_ATTEMPT=%d" % a.attempt) for a in attempts}
+    recorded = {a.pid: a.started_at for a in attempts if a.pid is not None}
     marker = f"JOBD_INSTANCE={instance}".encode()
+    boot = _boot_time()
     groups: set[int] = set()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
+        pid = int(entry.name)
         try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
+            pgid, started = _group_and_start(pid, boot)
+            if pgid in recorded:
+                since = recorded[pgid]
+                if since is None or started >= since - LEFTOVER_START_SLACK:
+                    groups.add(pgid)
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = set(f.read().split(b"\0"))
             if marker in environ and any(r in environ and t in environ for r, t in wanted):
-                groups.add(os.getpgid(int(entry.name)))
-        except (OSError, ValueError):
+                groups.add(pgid)
+        except (OSError, ValueError, IndexError):
             continue
     for pgid in groups:
         _signal_group(pgid, signal.SIGKILL)
     return sorted(groups)
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def _group_and_start(pid: int, boot: float) -> tuple[int, float]:
+    """A process's group id and its start time (Unix seconds), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    pgid = int(fields[2])  # field 5
+    ticks = int(fields[19])  # field 22: start time in clock ticks after boot
+    return pgid, boot + ticks / os.sysconf("SC_CLK_TCK")

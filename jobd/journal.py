@@ -337,8 +337,9 @@ class Journal:
         rows = _rows(
             db.execute(
                 f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
-                f" attempts, lost, cancel_requested FROM runs WHERE state IN ({marks})"
-                f" ORDER BY id",
+                f" runs.attempts, lost, cancel_requested, a.pid, a.started_at FROM runs"
+                f" LEFT JOIN attempts a ON a.run_id = runs.id AND a.attempt = runs.attempts"
+                f" WHERE state IN ({marks}) ORDER BY id",
                 states,
             )
         )
@@ -356,6 +357,8 @@ class Journal:
                 attempts=r[9],
                 lost=r[10],
                 cancel_requested=bool(r[11]),
+                attempt_pid=r[12],
+                attempt_started_at=r[13],
             )
             for r in rows
         ]

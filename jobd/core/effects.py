@@ -90,10 +90,16 @@ class Kill:
 
 @dataclass(frozen=True, slots=True)
 class KillLeftovers:
-    """Kill whatever survives of an attempt lost in a crash, before any retry (action)."""
+    """Kill whatever survives of an attempt lost in a crash, before any retry (action).
+
+    ``pid`` is the journaled leader of the attempt's process group, if the
+    daemon lived long enough to record it; ``started_at`` tells its group
+    from a later one that recycled the number."""
 
     run_id: int
     attempt: int
+    pid: int | None = None
+    started_at: float | None = None
 
 
 Effect = (

@@ -265,7 +265,9 @@ class Scheduler:
                     now,
                     error="the daemon stopped while this attempt ran",
                 )
-                effects.append(KillLeftovers(run.id, run.attempts))
+                effects.append(
+                    KillLeftovers(run.id, run.attempts, run.attempt_pid, run.attempt_started_at)
+                )
                 effects.append(Ended(lost, None))
                 run.lost += 1
                 if run.cancel_requested:
