@@ -34,9 +34,17 @@ from jobd import executor as executor_mod
 from jobd.config import DEFAULT_CONFIG, Config, dev_config, load_config
 from jobd.core.effects import Created, Effect, Ended, Kill, KillLeftovers, Started, StateChanged
 from jobd.core.model import Kind, NewRun, Result, Spec, State
-from jobd.core.scheduler import Cancel, Finished, ProcessStarted, Recover, Scheduler, Submit
+from jobd.core.scheduler import (
+    Cancel,
+    Finished,
+    ProcessStarted,
+    Recover,
+    Scheduler,
+    Submit,
+    Withdraw,
+)
 from jobd.errors import JobdError, ProtocolError
-from jobd.executor import Executor, Handback
+from jobd.executor import Executor, Handback, NotBegun
 from jobd.journal import AuditEntry, Batch, GroupCommitter, Journal, StateDirLock
 from jobd.protocol import ErrorCode, not_found
 from jobd.server import Server
@@ -163,6 +171,10 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.stopping = True
         self.scheduler.draining = True
+        # Runs handed to the executors ahead of free workers (prefetch) have not
+        # begun: they go back to the queue instead of waiting out the grace
+        # period and being recovered as lost.
+        self._withdraw(self.executor.drain())
         with self._grace_scope:
             self._grace_scope.deadline = trio.current_time() + self.config.shutdown_grace
             if self._running_count():
@@ -231,8 +243,16 @@ class Daemon:
 
     # -- the hot path -------------------------------------------------------
 
+    def _withdraw(self, items: Iterable[Started]) -> None:
+        attempts = tuple((s.run_id, s.attempt) for s in items)
+        if attempts:
+            self.writer.add(self.scheduler.handle(Withdraw(attempts), time.time()))
+        if self.stopping and not self._running_count():
+            self._quiet.set()
+
     def _on_handback(self, items: list[Handback]) -> None:
         """Executor results, delivered in batches on the event loop."""
+        self._withdraw(item.started for item in items if type(item) is NotBegun)
         if self._discard_results:
             # Stopping: results are left for recovery; only notice the last exit.
             if not self.executor.running_processes:
@@ -245,7 +265,7 @@ class Daemon:
         for item in items:
             if isinstance(item, ProcessStarted):
                 effects += handle(item, now)
-            else:
+            elif isinstance(item, Result):
                 results.append(item)
         if results:
             effects += handle(Finished(tuple(results)), now)

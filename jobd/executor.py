@@ -51,7 +51,14 @@ class PoolExecStatistics:
     threads: int
 
 
-Handback = Result | ProcessStarted
+@dataclass(frozen=True, slots=True)
+class NotBegun:
+    """An attempt handed to the executor that no worker began (the daemon is stopping)."""
+
+    started: Started
+
+
+Handback = Result | ProcessStarted | NotBegun
 
 
 class Executor:
@@ -79,6 +86,9 @@ class Executor:
         self._functions: dict[str, Callable[..., Any]] = {}
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
+        #: set when the daemon begins to stop: no attempt is begun any more; what
+        #: was handed over but not begun is handed back as NotBegun
+        self.draining = False
         #: set when the daemon stops: workers take nothing more from their queues
         self.closing = False
         self._base_env = dict(os.environ)
@@ -118,7 +128,25 @@ class Executor:
     # -- loop side ----------------------------------------------------------
 
     def start(self, started: Started) -> None:
+        if self.draining:
+            self._hand_back(NotBegun(started))
+            return
         self._queues[started.pool].put(started)
+
+    def drain(self) -> list[Started]:
+        """Stop beginning attempts; return those handed over but not yet taken.
+
+        Workers finish what they began; anything they take from now on is
+        handed back as NotBegun, never begun."""
+        self.draining = True
+        taken: list[Started] = []
+        for q in self._queues.values():
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    item = q.get_nowait()
+                    if item is not None:
+                        taken.append(item)
+        return taken
 
     def kill(self, run_id: int, attempt: int, sig: int = KILL_SIGNAL) -> None:
         """Stop a running command's process group: ``sig`` now, SIGKILL after the grace."""
@@ -186,6 +214,9 @@ class Executor:
                 return
             if self.closing:
                 continue  # stopping: left in the journal as running, recovered next start
+            if self.draining:
+                self._hand_back(NotBegun(item))
+                continue
             try:
                 run = self._call if item.spec.kind is Kind.CALL else self._spawn
                 result = self._cancelled_before_start(item) or run(item)

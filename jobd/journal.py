@@ -61,6 +61,7 @@ from jobd.core.effects import (
     PidRecorded,
     Started,
     StateChanged,
+    Withdrawn,
 )
 from jobd.core.model import ACTIVE, Run, Spec, State
 from jobd.errors import JournalError, JournalLockedError, JournalVersionError
@@ -617,6 +618,17 @@ def _write_state_changed(db: apsw.Connection, effects: list[StateChanged]) -> No
     )
 
 
+def _write_withdrawn(db: apsw.Connection, effects: list[Withdrawn]) -> None:
+    db.executemany(
+        "DELETE FROM attempts WHERE run_id = ? AND attempt = ?",
+        [(e.run_id, e.attempt) for e in effects],
+    )
+    db.executemany(
+        "UPDATE runs SET state = 'queued', attempts = ?, updated_at = ? WHERE id = ?",
+        [(e.attempt - 1, e.at, e.run_id) for e in effects],
+    )
+
+
 def _write_cancel_requested(db: apsw.Connection, effects: list[CancelRequested]) -> None:
     db.executemany(
         "UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?",
@@ -640,6 +652,7 @@ _WRITERS: dict[type, Callable[[apsw.Connection, list[Any]], None]] = {
     Started: _write_started,
     Ended: _write_ended,
     StateChanged: _write_state_changed,
+    Withdrawn: _write_withdrawn,
     CancelRequested: _write_cancel_requested,
     PidRecorded: _write_pid,
 }

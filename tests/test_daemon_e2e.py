@@ -238,6 +238,51 @@ def test_leftover_without_jobd_environment_is_found_by_its_journaled_group(
     wait_for(lambda: not pid_alive(survivor), "the leftover to be killed")
 
 
+def test_sigterm_puts_prefetched_runs_back_in_the_queue_unbegun(
+    daemon_factory: type[DaemonProcess], workdir: Path
+) -> None:
+    """Runs handed to a pool ahead of its free workers (prefetch) have not begun when
+    the daemon is told to stop: they go back to the queue at once, none begins during
+    the grace period, and none counts as lost (a graceful restart loses nothing)."""
+    d = daemon_factory("[pools.lane]\nkind = 'process'\nworkers = 1\nprefetch = 4\n")
+    d.start()
+    c = d.raw()
+    release, starts = workdir / "release", workdir / "starts"
+    blocking = c.result("submit", {"command": blocker(release), "pool": "lane"})["id"]
+    waiting = [
+        c.result("submit", {"shell": f"echo $JOBD_RUN_ID >> {starts}", "pool": "lane"})["id"]
+        for _ in range(4)
+    ]
+    wait_for(
+        lambda: all(c.result("get", {"id": i})["state"] == "running" for i in waiting),
+        "the prefetched runs to be handed to the pool",
+    )
+    d.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    # Reads are still served while the daemon stops: the prefetched runs are queued
+    # again, with no attempt, while the begun one runs on.
+    wait_for(
+        lambda: all(
+            c.result("get", {"id": i})["state"] == "queued"
+            and c.result("get", {"id": i})["attempt_list"] == []
+            for i in waiting
+        ),
+        "the prefetched runs to be withdrawn",
+    )
+    assert c.result("get", {"id": blocking})["state"] == "running"
+    release.touch()
+    assert d.proc.wait(60) == 0  # type: ignore[union-attr]
+    d.proc = None
+    assert not starts.exists()  # none of them began
+    d.start()
+    c = d.raw()
+    runs = wait_all(c, waiting)
+    assert {r["state"] for r in runs.values()} == {"succeeded"}
+    infos = [c.result("get", {"id": i}) for i in waiting]
+    assert {(r["attempts"], r["lost"]) for r in infos} == {(1, 0)}
+    assert sorted(map(int, starts.read_text().split())) == waiting
+    assert c.result("get", {"id": blocking})["state"] == "succeeded"
+
+
 def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
     daemon: DaemonProcess, workdir: Path
 ) -> None:

@@ -72,6 +72,16 @@ class CancelRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class Withdrawn:
+    """An attempt handed to an executor that never began it (the daemon is
+    stopping): it is undone, and the run is queued again, not lost."""
+
+    run_id: int
+    attempt: int
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class PidRecorded:
     """A command's process (group leader) pid, so a restart can find leftovers."""
 
@@ -103,5 +113,13 @@ class KillLeftovers:
 
 
 Effect = (
-    Created | Started | Ended | StateChanged | CancelRequested | PidRecorded | Kill | KillLeftovers
+    Created
+    | Started
+    | Ended
+    | StateChanged
+    | Withdrawn
+    | CancelRequested
+    | PidRecorded
+    | Kill
+    | KillLeftovers
 )

@@ -32,6 +32,7 @@ from jobd.core.effects import (
     PidRecorded,
     Started,
     StateChanged,
+    Withdrawn,
 )
 from jobd.core.model import Kind, NewRun, Outcome, Result, Run, State
 
@@ -74,7 +75,14 @@ class Recover:
     next_id: int
 
 
-Event = Submit | ProcessStarted | Finished | Cancel | Recover
+@dataclass(frozen=True, slots=True)
+class Withdraw:
+    """Attempts the executors never began (the daemon is stopping): (run, attempt)."""
+
+    attempts: tuple[tuple[int, int], ...]
+
+
+Event = Submit | ProcessStarted | Finished | Cancel | Recover | Withdraw
 
 
 @dataclass(slots=True)
@@ -135,6 +143,8 @@ class Scheduler:
                 self._cancel(run_ids, now, effects)
             case Recover(runs, next_id):
                 self._recover(runs, next_id, now, effects)
+            case Withdraw(attempts):
+                self._withdraw(attempts, now, effects)
         self._dispatch(now, effects)
         return effects
 
@@ -197,6 +207,32 @@ class Scheduler:
             self.pools[run.pool].running -= 1
             del runs[run.id]
             effects.append(Ended(recorded, state, reason))
+
+    def _withdraw(
+        self, attempts: Iterable[tuple[int, int]], now: float, effects: list[Effect]
+    ) -> None:
+        for key in attempts:
+            run_id, attempt = key
+            if key in self._held:
+                # A cancelled callable that never began: its slot is free.
+                self._held.discard(key)
+                self._pool_of_held(run_id).held -= 1
+                continue
+            run = self.runs.get(run_id)
+            if run is None or run.state is not State.RUNNING or run.attempts != attempt:
+                continue
+            self.pools[run.pool].running -= 1
+            run.attempts -= 1
+            if run.cancel_requested:
+                # Its process was never spawned: the cancel is complete.
+                run.state = State.CANCELLED
+                del self.runs[run_id]
+                effects.append(Withdrawn(run_id, attempt, now))
+                effects.append(StateChanged(run_id, State.CANCELLED, now, "cancelled"))
+                continue
+            run.state = State.QUEUED
+            effects.append(Withdrawn(run_id, attempt, now))
+            self._enqueue(run)
 
     def _pool_of_held(self, run_id: int) -> PoolState:
         return self.pools[self._held_pools.pop(run_id)]

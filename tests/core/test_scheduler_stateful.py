@@ -44,6 +44,7 @@ from jobd.core.effects import (
     PidRecorded,
     Started,
     StateChanged,
+    Withdrawn,
 )
 from jobd.core.model import (
     PRIORITIES,
@@ -65,6 +66,7 @@ from jobd.core.scheduler import (
     Recover,
     Scheduler,
     Submit,
+    Withdraw,
 )
 
 POOLS = ("default", "python", "batch")
@@ -221,6 +223,13 @@ class ModelJournal:
                     attempt = self.attempts[(effect.run_id, effect.attempt)]
                     assert attempt.outcome is None, "pid recorded for an attempt that ended"
                     attempt.pid = effect.pid
+                case Withdrawn():
+                    row = self.runs[effect.run_id]
+                    assert row.state is State.RUNNING, f"withdrew a {row.state} run"
+                    assert row.attempts == effect.attempt, "withdrew an attempt not current"
+                    attempt = self.attempts.pop((row.id, effect.attempt))
+                    assert attempt.outcome is None, "withdrew an attempt that ended"
+                    row.state, row.attempts = State.QUEUED, row.attempts - 1
                 case Kill() | KillLeftovers():
                     pass  # actions only: no journal row
 
@@ -439,6 +448,28 @@ class SchedulerMachine(RuleBasedStateMachine):
         held = self.journal.runs[key[0]].state.terminal
         effects = self.handle(ProcessStarted(*key, pid))
         assert effects == ([] if held else [PidRecorded(*key, pid)])
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
+    @checked
+    def withdraw(self, data: st.DataObject) -> None:
+        """The daemon stops: attempts handed to the executor that it never began are
+        undone (the run is queued again, or cancelled if its cancel was requested)."""
+        keys = data.draw(
+            st.lists(st.sampled_from(sorted(self.live)), min_size=1, max_size=3, unique=True),
+            label="attempts",
+        )
+        for key in keys:
+            self.live.pop(key)
+            self.killed.discard(key)
+        effects = self.handle(Withdraw(tuple(keys)))
+        withdrawn = {(e.run_id, e.attempt) for e in effects if isinstance(e, Withdrawn)}
+        held = {key for key in keys if key not in withdrawn}
+        for key in held:  # a cancelled callable's slot, freed
+            assert self.journal.runs[key[0]].state is State.CANCELLED
+        for run_id, _ in withdrawn:
+            state = self.journal.runs[run_id].state
+            assert state in (State.QUEUED, State.CANCELLED, State.RUNNING), state
 
     @rule(data=st.data(), finished=st.booleans())
     @checked
