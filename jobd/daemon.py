@@ -191,10 +191,11 @@ class Daemon:
                 self.config.shutdown_grace,
             )
             self._quiet = trio.Event()
-            if self.executor.kill_all(signal.SIGTERM):
+            if terminated := self.executor.kill_all(signal.SIGTERM):
                 with trio.move_on_after(self.config.kill_grace):
                     await self._quiet.wait()
-            self.executor.kill_all(signal.SIGKILL)
+            # Every group told to stop, even if its leader obeyed: other members may not have.
+            self.executor.kill_all(signal.SIGKILL, also=terminated)
         log.info("jobd stopped")
 
     def _running_count(self) -> int:
@@ -365,6 +366,10 @@ class Daemon:
         unknown = [i for i in ids if i not in results or results[i] == "unknown"]
         if unknown:
             known = await trio.to_thread.run_sync(self.journal.run_summaries, unknown)
+            if any(not State(s["state"]).terminal for s in known.values()):
+                # Ended in memory, its end not yet committed: read it once it is.
+                await self._journaled(self.writer.add(()), "the cancel")
+                known = await trio.to_thread.run_sync(self.journal.run_summaries, unknown)
             for run_id in unknown:
                 summary = known.get(run_id)
                 results[run_id] = f"already_{summary['state']}" if summary else "not_found"

@@ -57,6 +57,14 @@ class NotBegun:
 
     started: Started
 
+    @property
+    def run_id(self) -> int:
+        return self.started.run_id
+
+    @property
+    def attempt(self) -> int:
+        return self.started.attempt
+
 
 Handback = Result | ProcessStarted | NotBegun
 
@@ -81,7 +89,8 @@ class Executor:
         self._done: list[Handback] = []
         self._wake_scheduled = False
         self._procs: dict[tuple[int, int], int] = {}  # (run, attempt) -> pgid
-        self._kill_requested: set[tuple[int, int]] = set()
+        self._pending: set[tuple[int, int]] = set()  # handed over, result not handed back
+        self._kill_requested: set[tuple[int, int]] = set()  # pending, not spawned yet
         self._shards: set[int] = set()
         self._functions: dict[str, Callable[..., Any]] = {}
         self._token: trio.lowlevel.TrioToken | None = None
@@ -131,6 +140,7 @@ class Executor:
         if self.draining:
             self._hand_back(NotBegun(started))
             return
+        self._pending.add((started.run_id, started.attempt))
         self._queues[started.pool].put(started)
 
     def drain(self) -> list[Started]:
@@ -146,35 +156,51 @@ class Executor:
                     item = q.get_nowait()
                     if item is not None:
                         taken.append(item)
+        with self._lock:
+            for item in taken:
+                self._pending.discard((item.run_id, item.attempt))
         return taken
 
     def kill(self, run_id: int, attempt: int, sig: int = KILL_SIGNAL) -> None:
         """Stop a running command's process group: ``sig`` now, SIGKILL after the grace."""
         key = (run_id, attempt)
         with self._lock:
+            if key not in self._pending:
+                return  # its result is already handed back: nothing left to stop
             pgid = self._procs.get(key)
             if pgid is None:
                 self._kill_requested.add(key)  # not spawned yet: the worker will see it
                 return
         _signal_group(pgid, sig)
-        if self._nursery is not None and sig != signal.SIGKILL:
+        if sig != signal.SIGKILL:
+            self._escalate_later(key, pgid)
+
+    def _escalate_later(self, key: tuple[int, int], pgid: int) -> None:
+        """SIGKILL the group after ``kill_grace`` unless it is gone (loop thread only)."""
+        if self._nursery is not None:
             self._nursery.start_soon(self._escalate, key, pgid)
 
     async def _escalate(self, key: tuple[int, int], pgid: int) -> None:
         await trio.sleep(self.kill_grace)
+        # The group, not only its leader: a member that ignores SIGTERM outlives
+        # a leader that obeys it. While a group has members its id cannot be
+        # reused; once it is empty the id may be, so never signal a group that
+        # is now another attempt's.
         with self._lock:
-            alive = self._procs.get(key) == pgid
-        if alive:
+            reused = any(p == pgid and k != key for k, p in self._procs.items())
+        if not reused and _group_exists(pgid):
             log.warning("run %d attempt %d ignored SIGTERM; sending SIGKILL", *key)
             _signal_group(pgid, signal.SIGKILL)
 
-    def kill_all(self, sig: int) -> int:
-        """Signal every running command's process group; returns how many."""
+    def kill_all(self, sig: int, also: Iterable[int] = ()) -> list[int]:
+        """Signal every running command's process group, and the groups ``also``
+        (signalled before, whose leader may have exited); returns the groups."""
         with self._lock:
-            groups = list(self._procs.values())
+            groups = set(self._procs.values())
+        groups.update(also)
         for pgid in groups:
             _signal_group(pgid, sig)
-        return len(groups)
+        return sorted(groups)
 
     @property
     def running_processes(self) -> int:
@@ -198,6 +224,10 @@ class Executor:
 
     def _hand_back(self, item: Handback) -> None:
         with self._lock:
+            if isinstance(item, Result | NotBegun):
+                key = (item.run_id, item.attempt)
+                self._pending.discard(key)
+                self._kill_requested.discard(key)
             self._done.append(item)
             if self._wake_scheduled:
                 return
@@ -250,7 +280,6 @@ class Executor:
 
     def _call(self, item: Started) -> Result:
         spec = item.spec
-        key = (item.run_id, item.attempt)
         started = time.time()
         try:
             fn = self._functions.get(spec.call) or self._resolve(spec.call)
@@ -281,9 +310,6 @@ class Executor:
             )
         finally:
             context._set(None)
-            if self._kill_requested:
-                with self._lock:
-                    self._kill_requested.discard(key)  # cancelled while it ran
         return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time(), started_at=started)
 
     def _resolve(self, target: str) -> Callable[..., Any]:
@@ -338,8 +364,11 @@ class Executor:
             kill_now = key in self._kill_requested
             self._kill_requested.discard(key)
         self._hand_back(ProcessStarted(item.run_id, item.attempt, proc.pid))
-        if kill_now:
+        if kill_now:  # cancelled while it was being spawned
             _signal_group(proc.pid, KILL_SIGNAL)
+            assert self._token is not None
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._escalate_later, key, proc.pid)
         returncode = proc.wait()
         with self._lock:
             del self._procs[key]
@@ -353,7 +382,7 @@ class Executor:
                 output=str(output),
             )
         if returncode < 0:
-            name = signal.Signals(-returncode).name
+            name = _signal_name(-returncode)
             return Result(
                 item.run_id,
                 item.attempt,
@@ -385,6 +414,23 @@ class Executor:
 def output_path(log_dir: Path, run_id: int, attempt: int) -> Path:
     """Where an attempt's captured output lives (whether or not it exists yet)."""
     return log_dir / f"{run_id // LOG_SHARD:05d}" / f"{run_id}.{attempt}.log"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # real-time signals other than SIGRTMIN/SIGRTMAX have no member
+        return f"signal {number}"
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -131,6 +131,31 @@ def test_cancel_queued_and_running_kills_the_process_group(
     wait_all(c, [other])
 
 
+def test_cancel_kills_group_members_that_ignore_sigterm_after_the_leader_obeyed(
+    daemon: DaemonProcess, workdir: Path
+) -> None:
+    # The leader (sh) dies of SIGTERM at once; a member ignores it. The SIGKILL
+    # after kill_grace goes to the group, not only to a live leader.
+    c = daemon.raw()
+    pidfile = workdir / "member.pid"
+    script = f"(trap '' TERM; exec sleep 300) & echo $! > {pidfile}; wait"
+    run_id = c.result("submit", {"shell": script})["id"]
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the member's pid")
+    member = int(pidfile.read_text())
+    assert c.result("cancel", {"ids": [run_id]})["results"] == {str(run_id): "cancelling"}
+    assert wait_all(c, [run_id])[run_id]["state"] == "cancelled"
+    wait_for(lambda: not pid_alive(member), "the member to be killed after kill_grace")
+
+
+def test_a_real_time_signal_is_an_ordinary_failure(daemon: DaemonProcess) -> None:
+    c = daemon.raw()
+    run_id = c.result("submit", {"shell": "kill -40 $$"})["id"]
+    wait_all(c, [run_id])
+    attempt = c.result("get", {"id": run_id})["attempt_list"][0]
+    assert (attempt["outcome"], attempt["exit_code"]) == ("failed", 128 + 40), attempt
+    assert attempt["error"] == "killed by signal 40" and attempt["output"], attempt
+
+
 def test_sigkill_mid_way_loses_no_acknowledged_run(daemon_factory: type[DaemonProcess]) -> None:
     """The issue's acceptance test: 1,000 runs over two pools, SIGKILL mid-way, restart."""
     d = daemon_factory('[pools.cmd]\nkind = "process"\nworkers = 4\n')

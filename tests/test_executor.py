@@ -1,0 +1,35 @@
+"""The executor on its own: a real pool of worker threads on a trio loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from jobd.config import PoolConfig
+from jobd.core.effects import Started
+from jobd.core.model import Kind, Outcome, Result, Spec
+from jobd.executor import Executor, Handback
+
+
+async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path: Path) -> None:
+    # A cancel can be committed after the attempt's result was handed back (the
+    # two race). Such a late kill must not be remembered for ever.
+    results: list[Handback] = []
+    arrived = trio.Event()
+
+    def on_handback(items: list[Handback]) -> None:
+        results.extend(items)
+        arrived.set()
+
+    executor = Executor(
+        {"python": PoolConfig("python", "thread", 1)}, tmp_path, "test", on_handback, 1.0
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(executor.run)
+        executor.start(Started(1, 1, 0.0, "python", Spec(Kind.CALL, call="jobd.demo:noop")))
+        await arrived.wait()
+        assert isinstance(results[0], Result) and results[0].outcome is Outcome.SUCCEEDED
+        executor.kill(1, 1)
+        assert not executor._kill_requested and not executor._pending
+        nursery.cancel_scope.cancel()
