@@ -208,10 +208,18 @@ class Server:
             os.umask(old_umask)
         os.chmod(path, self.config.socket_mode)
         if self.config.socket_group:
+            # Access depends on it: a socket its users cannot reach is a failed start.
             try:
                 os.chown(path, -1, grp.getgrnam(self.config.socket_group).gr_gid)
-            except (KeyError, PermissionError) as exc:
-                log.warning("cannot give %s to group %s: %s", path, self.config.socket_group, exc)
+            except (KeyError, OSError) as exc:
+                sock.close()
+                reason = exc.strerror if isinstance(exc, OSError) else "no such group"
+                raise JobdError(
+                    f"cannot give the control socket {path} to group"
+                    f" {self.config.socket_group}: {reason}",
+                    hint="run jobd as root or as a member of that group, or change"
+                    " daemon.socket_group",
+                ) from exc
         sock.listen(128)
         return trio.SocketListener(sock)
 
