@@ -2,7 +2,13 @@
 
 Human output goes through rich; ``--json`` prints the daemon's result as is,
 for scripts. Expected errors (daemon not running, a refused request) are one
-red line on stderr with the hint, never a traceback.
+red line on stderr with the hint, never a traceback; with ``--json`` also one
+``{"error": {"code", "message", "hint"}}`` object on stdout.
+
+What a submission carries (names, commands, tags, error strings) is shown with
+its control characters escaped (``jobd.cli_text.clean``): a run must not move the
+operator's cursor or rewrite their terminal. Only ``jobctl logs`` writes output
+raw, like cat.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shlex
 import sys
 import time
@@ -24,20 +31,39 @@ from rich.table import Table
 from rich.text import Text
 
 from jobd import __version__
+from jobd.cli_text import (
+    cell,
+    check_utf8,
+    clean,
+    is_utf8,
+    json_safe,
+    parse_run_id,
+    parse_timeout,
+    strict_json,
+)
 from jobd.client import Client, default_socket_path
-from jobd.core.model import PRIORITIES, priority_name, priority_value
-from jobd.errors import ClientError, RemoteError
+from jobd.core.model import PRIORITIES, TERMINAL, priority_name, priority_value
+from jobd.errors import (
+    ClientError,
+    ConnectionLost,
+    DaemonNotRunning,
+    RemoteError,
+    RequestTooLarge,
+)
 
-EXIT_ERROR = 1  # a request failed, or a waited run did not succeed
-EXIT_UNREACHABLE = 2  # cannot talk to the daemon (also click's code for usage errors)
+EXIT_ERROR = 1  # the daemon refused or failed a request, or a waited run did not succeed
+# The daemon could not be reached or went away (any ClientError but RemoteError),
+# forbidden by its access rules; also click's code for usage errors.
+EXIT_UNREACHABLE = 2
 EXIT_TIMEOUT = 124  # `wait --timeout` ran out, as timeout(1)
 EXIT_CANCELLED = 130  # the waited run was cancelled, or Ctrl-C (128 + SIGINT, as a shell)
 
 EXIT_CODES_HELP = (
-    f"Exit codes: 0 success; {EXIT_ERROR} error; {EXIT_UNREACHABLE} cannot reach the daemon"
-    " (not running, socket permission denied, forbidden by its access rules) or bad usage;"
-    f" {EXIT_TIMEOUT} `wait` timed out; {EXIT_CANCELLED} the waited run was cancelled, or"
-    " jobctl was interrupted."
+    f"Exit codes: 0 success; {EXIT_ERROR} the daemon refused a request, or a waited run did"
+    f" not succeed; {EXIT_UNREACHABLE} cannot reach the daemon or lost the connection to it"
+    " (not running, stopped or restarted, socket permission denied), forbidden by its access"
+    f" rules, or bad usage; {EXIT_TIMEOUT} `wait` timed out; {EXIT_CANCELLED} the waited run"
+    " was cancelled, or jobctl was interrupted."
 )
 
 STATE_STYLES = {
@@ -114,26 +140,50 @@ def _opts(ctx: typer.Context, json_: bool) -> Options:
 def _connect(opts: Options) -> Iterator[Client]:
     """A client for one command; turns expected errors into a red line and an exit code."""
     try:
-        client = Client(opts.socket)
-    except ClientError as exc:
-        _fail(exc, EXIT_UNREACHABLE)
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_CANCELLED) from None
-    try:
-        with client:
+        with Client(opts.socket) as client:
             yield client
-    except RemoteError as exc:
-        _fail(exc, EXIT_UNREACHABLE if exc.code == "forbidden" else EXIT_ERROR)
-    except ClientError as exc:
-        _fail(exc, EXIT_ERROR)
+    except RemoteError as exc:  # the daemon answered, with an error
+        _fail(opts, exc, EXIT_UNREACHABLE if exc.code == "forbidden" else EXIT_ERROR)
+    except ClientError as exc:  # it could not be reached, or went away (stopped, restarted)
+        _fail(opts, exc, EXIT_UNREACHABLE)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_CANCELLED) from None
 
 
-def _fail(exc: ClientError, code: int) -> NoReturn:
-    err.print(Text(f"jobctl: {exc.message}", style="bold red"), soft_wrap=True)
-    if exc.hint:
-        err.print(Text(f"  hint: {exc.hint}"), soft_wrap=True)
+def _error_code(exc: ClientError) -> str:
+    """The daemon's error code (docs/protocol.md), else a stable one for jobctl's side."""
+    if isinstance(exc, RemoteError):
+        return exc.code
+    if isinstance(exc, DaemonNotRunning):
+        return "not_running"
+    if isinstance(exc, ConnectionLost):
+        return "connection_lost"
+    if isinstance(exc, RequestTooLarge):
+        return "too_large"
+    return "client_error"  # cannot connect (permission denied, …) or send the request
+
+
+def _you() -> str:
+    """Who the daemon sees: the effective uid (SO_PEERCRED), with its name if it has one."""
+    uid = os.geteuid()
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _fail(opts: Options, exc: ClientError, code: int) -> NoReturn:
+    error_code = _error_code(exc)
+    hint = exc.hint
+    if error_code == "forbidden":
+        # The daemon names the protocol method; who is asking is what an admin needs to know.
+        hint = f"you are {_you()}; {hint or 'an admin can grant roles in [access] of jobd.toml'}"
+    if opts.json:
+        error = {"code": error_code, "message": json_safe(exc.message), "hint": json_safe(hint)}
+        typer.echo(json.dumps({"error": error}, ensure_ascii=False))
+    err.print(Text(f"jobctl: {clean(exc.message)}", style="bold red"), soft_wrap=True)
+    if hint:
+        err.print(Text(f"  hint: {clean(hint)}"), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -146,7 +196,7 @@ def _print_json(value: Any) -> None:
 
 def _json_or_text(value: str) -> Any:
     try:
-        return json.loads(value)
+        return strict_json(value, "--arg")
     except ValueError:
         return value
 
@@ -173,7 +223,7 @@ def _submission(
     fields: dict[str, Any] = {"call": call, "args": [_json_or_text(a) for a in args]}
     if kwargs is not None:
         try:
-            fields["kwargs"] = json.loads(kwargs)
+            fields["kwargs"] = strict_json(kwargs, "--kwargs")
         except ValueError as exc:
             raise typer.BadParameter(f"not JSON: {exc}", param_hint="--kwargs") from None
         if not isinstance(fields["kwargs"], dict):
@@ -189,6 +239,15 @@ def _env(pairs: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"expected K=V, got {pair!r}", param_hint="--env")
         env[key] = value
     return env
+
+
+def _abspath(cwd: str) -> str:
+    path = os.path.abspath(cwd)  # the daemon has another cwd
+    if not is_utf8(path):  # jobctl's own cwd is not UTF-8
+        raise typer.BadParameter(
+            f"{clean(path)} is not valid UTF-8: jobd takes UTF-8 text", param_hint="--cwd"
+        )
+    return path
 
 
 def _priority(value: str) -> int:
@@ -211,39 +270,67 @@ def submit(
             metavar="COMMAND",
             help="The argv to run, no shell (after `--` if it has options).",
             show_default=False,
+            callback=check_utf8,
         ),
     ] = None,
     shell: Annotated[
-        str | None, typer.Option(metavar="LINE", help="Run a line with /bin/sh -c instead.")
+        str | None,
+        typer.Option(
+            metavar="LINE", help="Run a line with /bin/sh -c instead.", callback=check_utf8
+        ),
     ] = None,
     call: Annotated[
         str | None,
         typer.Option(
             metavar="MOD:FUNC",
             help="Run a Python callable instead, in a thread pool (admins only).",
+            callback=check_utf8,
         ),
     ] = None,
     arg: Annotated[
         list[str] | None,
-        typer.Option("--arg", metavar="JSON", help="An argument of --call (JSON, else text)."),
+        typer.Option(
+            "--arg",
+            metavar="JSON",
+            help="An argument of --call (JSON, else text).",
+            callback=check_utf8,
+        ),
     ] = None,
     kwargs: Annotated[
-        str | None, typer.Option(metavar="JSON", help="Keyword arguments of --call (object).")
+        str | None,
+        typer.Option(
+            metavar="JSON", help="Keyword arguments of --call (object).", callback=check_utf8
+        ),
     ] = None,
     pool: Annotated[
-        str | None, typer.Option("--pool", "-p", help="The pool to run in \\[default: default].")
+        str | None,
+        typer.Option(
+            "--pool", "-p", help="The pool to run in \\[default: default].", callback=check_utf8
+        ),
     ] = None,
     priority: Annotated[
         str | None,
         typer.Option(help=f"{', '.join(PRIORITIES)} or an integer \\[default: normal]."),
     ] = None,
-    name: Annotated[str | None, typer.Option(help="A name for the run.")] = None,
-    tag: Annotated[list[str] | None, typer.Option("--tag", "-t", help="A tag (repeat).")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="A name for the run.", callback=check_utf8)
+    ] = None,
+    tag: Annotated[
+        list[str] | None, typer.Option("--tag", "-t", help="A tag (repeat).", callback=check_utf8)
+    ] = None,
     env: Annotated[
         list[str] | None,
-        typer.Option("--env", "-e", metavar="K=V", help="An environment variable (repeat)."),
+        typer.Option(
+            "--env",
+            "-e",
+            metavar="K=V",
+            help="An environment variable (repeat).",
+            callback=check_utf8,
+        ),
     ] = None,
-    cwd: Annotated[str | None, typer.Option(metavar="DIR", help="Working directory.")] = None,
+    cwd: Annotated[
+        str | None, typer.Option(metavar="DIR", help="Working directory.", callback=check_utf8)
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option("--wait", "-w", help="Wait for the run and exit with its code (see wait)."),
@@ -259,7 +346,7 @@ def submit(
         "name": name,
         "tags": tag or None,
         "env": _env(env) if env else None,
-        "cwd": None if cwd is None else os.path.abspath(cwd),  # the daemon has another cwd
+        "cwd": None if cwd is None else _abspath(cwd),
     }
     fields.update({k: v for k, v in options.items() if v is not None})
     with _connect(opts) as client:
@@ -280,7 +367,7 @@ def submit(
 
 
 def _state(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state, ""))
+    return cell(state, STATE_STYLES.get(state, ""))
 
 
 def _what(run: dict[str, Any]) -> str:
@@ -340,8 +427,8 @@ def _table(
     return table
 
 
-def _text(value: Any) -> str:
-    return "-" if value is None else str(value)
+def _text(value: Any) -> Text:
+    return cell("-" if value is None else value)
 
 
 @app.command("ls")
@@ -349,11 +436,19 @@ def list_runs(
     ctx: typer.Context,
     *,
     state: Annotated[
-        list[str] | None, typer.Option("--state", "-s", help="Only this state (repeat).")
+        list[str] | None,
+        typer.Option("--state", "-s", help="Only this state (repeat).", callback=check_utf8),
     ] = None,
-    pool: Annotated[str | None, typer.Option("--pool", "-p", help="Only this pool.")] = None,
-    name: Annotated[str | None, typer.Option(help="Only runs of this name.")] = None,
-    tag: Annotated[str | None, typer.Option("--tag", "-t", help="Only runs with this tag.")] = None,
+    pool: Annotated[
+        str | None, typer.Option("--pool", "-p", help="Only this pool.", callback=check_utf8)
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Only runs of this name.", callback=check_utf8)
+    ] = None,
+    tag: Annotated[
+        str | None,
+        typer.Option("--tag", "-t", help="Only runs with this tag.", callback=check_utf8),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Runs to show (newest).")] = 50,
     all_: Annotated[bool, typer.Option("--all", "-a", help="Every matching run.")] = False,
     json_: JsonFlag = False,
@@ -377,14 +472,14 @@ def list_runs(
     )
     for run in page["runs"]:
         table.add_row(
-            str(run["id"]),
+            cell(run["id"]),
             _state(run["state"]),
-            run.get("pool", ""),
-            priority_name(run.get("priority", 0)),
-            Text(_what(run), no_wrap=True, overflow="ellipsis"),  # one line per run
-            str(run.get("attempts", 0)),
-            "" if run.get("exit_code") is None else str(run["exit_code"]),
-            _age(run.get("submitted_at")),
+            cell(run.get("pool", "")),
+            cell(priority_name(run.get("priority", 0))),
+            Text(clean(_what(run)), no_wrap=True, overflow="ellipsis"),  # one line per run
+            cell(run.get("attempts", 0)),
+            cell("" if run.get("exit_code") is None else run["exit_code"]),
+            cell(_age(run.get("submitted_at"))),
         )
     if page["runs"]:
         out.print(table)
@@ -394,11 +489,20 @@ def list_runs(
         err.print(Text("(more runs: --limit N or --all)", style="dim"))
 
 
-@app.command()
+RunId = Annotated[int, typer.Argument(metavar="ID", parser=parse_run_id, show_default=False)]
+RunIds = Annotated[
+    list[int], typer.Argument(metavar="ID...", parser=parse_run_id, show_default=False)
+]
+# So that `-1` reaches parse_run_id ("ID must be a positive run id") instead of click's
+# "No such option: -1"; parse_run_id reports other unknown options itself.
+IDS_AS_ARGUMENTS = {"ignore_unknown_options": True}
+
+
+@app.command(context_settings=IDS_AS_ARGUMENTS)
 def show(
     ctx: typer.Context,
     *,
-    run_id: Annotated[int, typer.Argument(metavar="ID")],
+    run_id: RunId,
     json_: JsonFlag = False,
 ) -> None:
     """Show every field of a run and its attempts."""
@@ -411,8 +515,8 @@ def show(
     fields = Table.grid(padding=(0, 2))
     fields.add_column(style="bold")
     fields.add_column()
-    rows: list[tuple[str, str | Text]] = [
-        ("id", str(run["id"])),
+    rows: list[tuple[str, object]] = [
+        ("id", run["id"]),
         ("name", _text(run.get("name"))),
         ("state", _state(run["state"])),
         ("reason", _text(run.get("reason"))),
@@ -429,7 +533,7 @@ def show(
         ("exit code", _text(run.get("exit_code"))),
     ]
     for key, value in rows:
-        fields.add_row(key, value)
+        fields.add_row(cell(key), value if isinstance(value, Text) else cell(value))
     out.print(fields)
     attempts = run.get("attempt_list", [])
     if not attempts:
@@ -442,9 +546,9 @@ def show(
     )
     for attempt in attempts:
         table.add_row(
-            str(attempt.get("attempt")),
-            _when(attempt.get("started_at")),
-            _took(attempt.get("started_at"), attempt.get("ended_at")),
+            cell(attempt.get("attempt")),
+            cell(_when(attempt.get("started_at"))),
+            cell(_took(attempt.get("started_at"), attempt.get("ended_at"))),
             _state(attempt.get("outcome") or "running"),
             _text(attempt.get("exit_code")),
             _text(attempt.get("pid")),
@@ -458,11 +562,14 @@ def show(
 # -- cancel, logs, wait -----------------------------------------------------
 
 
-@app.command(epilog="Exits 1 if any run was not found or is not yours to cancel.")
+@app.command(
+    epilog="Exits 1 if any run was not found or is not yours to cancel.",
+    context_settings=IDS_AS_ARGUMENTS,
+)
 def cancel(
     ctx: typer.Context,
     *,
-    run_ids: Annotated[list[int], typer.Argument(metavar="ID...")],
+    run_ids: RunIds,
     json_: JsonFlag = False,
 ) -> None:
     """Cancel runs: queued ones at once, running ones get SIGTERM (then SIGKILL)."""
@@ -475,16 +582,16 @@ def cancel(
     else:
         for run_id, outcome in outcomes.items():
             style = "red" if outcome in ("not_found", "forbidden") else ""
-            out.print(Text.assemble(f"{run_id} ", (outcome, style)))
+            out.print(Text.assemble(cell(run_id), " ", cell(outcome, style)))
     if any(o in ("not_found", "forbidden") for o in outcomes.values()):
         raise typer.Exit(EXIT_ERROR)
 
 
-@app.command()
+@app.command(context_settings=IDS_AS_ARGUMENTS)
 def logs(
     ctx: typer.Context,
     *,
-    run_id: Annotated[int, typer.Argument(metavar="ID")],
+    run_id: RunId,
     attempt: Annotated[
         int | None, typer.Option(min=1, help="Attempt number \\[default: the latest].")
     ] = None,
@@ -498,13 +605,34 @@ def logs(
     With --json, one {"data": ...} object per line.
     """
     opts = _opts(ctx, json_)
+    note = None
     with _connect(opts) as client:
+        empty = True
         for chunk in client.logs(run_id, attempt=attempt, follow=follow):
+            empty = False
             if opts.json:
                 sys.stdout.write(json.dumps({"data": chunk}, ensure_ascii=False) + "\n")
             else:
                 sys.stdout.write(chunk)
             sys.stdout.flush()
+        if empty and not follow:
+            # Nothing, and exit 0: say whether the run has simply not started yet.
+            # (Without follow, the daemon answers such a run with attempt null.)
+            note = _no_output_note(client.get(run_id), attempt)
+    if note:
+        err.print(Text(note, style="yellow"), soft_wrap=True)
+
+
+def _no_output_note(run: dict[str, Any], attempt: int | None) -> str | None:
+    """Why ``jobctl logs`` printed nothing, when it is not an empty output."""
+    started = [a.get("attempt") for a in run.get("attempt_list", [])]
+    if (attempt in started) if attempt is not None else bool(started):
+        return None  # an attempt that has written nothing (yet)
+    what = f"run {run['id']}" if attempt is None else f"attempt {attempt} of run {run['id']}"
+    state = clean(run.get("state"))
+    if state in TERMINAL:
+        return f"{what} never started ({state}): it has no output"
+    return f"{what} has not started yet ({state}); use -f to follow its output"
 
 
 def _wait_exit_code(result: dict[str, Any]) -> int:
@@ -528,15 +656,22 @@ def _wait_exit_code(result: dict[str, Any]) -> int:
         "Exit code with one run: its exit status (0 when it succeeded; 128+N when killed by"
         f" signal N; {EXIT_ERROR} when it failed without one, e.g. a raising callable;"
         f" {EXIT_CANCELLED} when cancelled). With several runs: 0 if all succeeded, else"
-        f" {EXIT_ERROR}. {EXIT_TIMEOUT} when --timeout runs out first."
-    )
+        f" {EXIT_ERROR}. {EXIT_TIMEOUT} when --timeout runs out first. {EXIT_UNREACHABLE} when"
+        " the daemon cannot be reached, or the connection to it is lost while waiting (it"
+        " stopped or restarted): the run's outcome is unknown, wait again. A run's own exit"
+        ' status can be 2 too: with --json, such an error is an {"error": ...} object.'
+    ),
+    context_settings=IDS_AS_ARGUMENTS,
 )
 def wait(
     ctx: typer.Context,
     *,
-    run_ids: Annotated[list[int], typer.Argument(metavar="ID...")],
+    run_ids: RunIds,
     timeout: Annotated[
-        float | None, typer.Option(min=0, metavar="SECONDS", help="Give up after this long.")
+        float | None,
+        typer.Option(
+            metavar="SECONDS", help="Give up after this long (inf: never).", callback=parse_timeout
+        ),
     ] = None,
     json_: JsonFlag = False,
 ) -> None:
@@ -548,11 +683,11 @@ def wait(
         _print_json(result)
     else:
         for run in result["runs"]:
-            line = Text.assemble(f"{run['id']} ", _state(run["state"]))
+            line = Text.assemble(cell(run["id"]), " ", _state(run["state"]))
             if run.get("exit_code") is not None:
-                line.append(f" exit {run['exit_code']}")
+                line.append(f" exit {clean(run['exit_code'])}")
             if run.get("reason"):
-                line.append(f" ({run['reason']})", style="dim")
+                line.append(f" ({clean(run['reason'])})", style="dim")
             out.print(line)
         if result.get("timed_out"):
             err.print(Text(f"timed out after {timeout:g}s", style="yellow"))
@@ -587,11 +722,13 @@ def status(ctx: typer.Context, json_: JsonFlag = False) -> None:
     info.add_column(style="bold")
     info.add_column()
     info.add_row("socket", _text(daemon.get("socket")))
-    info.add_row("journal", f"{daemon.get('journal')} (synchronous={daemon.get('synchronous')})")
+    info.add_row(
+        "journal", cell(f"{daemon.get('journal')} (synchronous={daemon.get('synchronous')})")
+    )
     info.add_row("logs", _text(daemon.get("log_dir")))
-    info.add_row("you", f"uid {os.getuid()}, roles: {', '.join(hello.get('roles', [])) or '-'}")
+    info.add_row("you", cell(f"{_you()}, roles: {', '.join(hello.get('roles', [])) or '-'}"))
     if daemon.get("last_error"):
-        info.add_row("last error", Text(str(daemon["last_error"]), style="red"))
+        info.add_row("last error", cell(daemon["last_error"], "red"))
     out.print(info)
 
     pools = _table(
@@ -603,9 +740,9 @@ def status(ctx: typer.Context, json_: JsonFlag = False) -> None:
     for pool in stats.get("pools", []):
         name = pool["name"] if pool.get("configured", True) else f"{pool['name']} (unconfigured)"
         pools.add_row(
-            name,
+            cell(name),
             _text(pool.get("kind")),
-            *(str(pool.get(k, 0)) for k in ("workers", "queued", "running", "held")),
+            *(cell(pool.get(k, 0)) for k in ("workers", "queued", "running", "held")),
         )
     out.print()
     out.print(pools)

@@ -99,14 +99,34 @@ def run_id_of(result: subprocess.CompletedProcess[str]) -> int:
     return int(out)
 
 
-def one_line_error(result: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+def one_line_error(
+    result: subprocess.CompletedProcess[str], code: int, message: str, *, stdout: str = ""
+) -> None:
     """A red line (and maybe a hint), the documented exit code, no traceback."""
     assert result.returncode == code, (result.args, result.returncode, result.stdout, result.stderr)
     lines = result.stderr.splitlines()
     assert lines and lines[0].startswith("jobctl: ") and message in lines[0], result.stderr
     assert all(line.startswith("  hint: ") for line in lines[1:]), result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stdout == ""
+    assert result.stdout == stdout
+
+
+def json_error(result: subprocess.CompletedProcess[str], code: int, error_code: str) -> Any:
+    """With --json: the red line on stderr, and the same error as one object on stdout."""
+    assert result.stdout.count("\n") == 1, result.stdout  # one line, also amid `logs --json`
+    error = json.loads(result.stdout)["error"]
+    assert set(error) == {"code", "message", "hint"} and error["code"] == error_code, error
+    one_line_error(result, code, "", stdout=result.stdout)
+    return error
+
+
+def usage_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """click's usage error: exit 2, a message naming what is wrong, nothing on stdout."""
+    assert result.returncode == EXIT_UNREACHABLE, (result.args, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr and result.stdout == "", (result.args, result.stderr)
+    text = " ".join(result.stderr.replace("│", " ").split())  # the message may be wrapped
+    for word in words:
+        assert word in text, (result.args, word, result.stderr)
 
 
 def read_until(proc: subprocess.Popen[str], text: str) -> str:
@@ -388,17 +408,20 @@ def test_daemon_not_running(workdir: Path) -> None:
     finally:
         sock.close()
     missing = workdir / "missing.sock"
-    *results, stale_wait = jobctl_all(
+    *results, status_json, stale_wait = jobctl_all(
         missing,
         ["ls"],
-        ["status", "--json"],
         ["submit", "--", "true"],
         ["logs", "-f", "1"],
+        ["status", "--json"],
         ["--socket", str(stale), "wait", "1"],  # --socket wins over JOBD_SOCKET
     )
     for result in results:
         one_line_error(result, EXIT_UNREACHABLE, f"jobd is not running: no socket at {missing}")
         assert "JOBD_SOCKET" in result.stderr
+    error = json_error(status_json, EXIT_UNREACHABLE, "not_running")
+    assert error["message"] == f"jobd is not running: no socket at {missing}"
+    assert "JOBD_SOCKET" in error["hint"]
     one_line_error(stale_wait, EXIT_UNREACHABLE, f"jobd is not running: nothing listens on {stale}")
 
 
@@ -420,3 +443,194 @@ def test_unknown_run_id_and_bad_usage(daemon: DaemonProcess, client: Client) -> 
     assert "exactly one of" in nothing.stderr
     assert "K=V" in bad_env.stderr
     assert client.list()["runs"] == []  # nothing was submitted
+
+
+def test_json_errors(daemon: DaemonProcess, workdir: Path) -> None:
+    missing = str(10**6)
+    odd = workdir / "\x1b[31modd.sock"  # a message carrying control characters
+    show, wait, logs, not_running = jobctl_all(
+        daemon.socket,
+        ["show", "--json", missing],
+        ["--json", "wait", missing],
+        ["logs", "--json", missing],
+        ["--json", "--socket", str(odd), "ls"],
+    )
+    for result in show, wait, logs:
+        error = json_error(result, EXIT_ERROR, "not_found")  # the daemon's code
+        assert error["message"] == f"no run with id {missing}"
+        assert result.stderr.startswith(f"jobctl: no run with id {missing}\n")
+    error = json_error(not_running, EXIT_UNREACHABLE, "not_running")
+    assert error["message"] == f"jobd is not running: no socket at {odd}"  # JSON: as it is
+    assert "\x1b" not in not_running.stderr and "\\x1b[31modd.sock" in not_running.stderr
+
+
+# -- input jobd would refuse: caught before anything is sent ------------------
+
+
+def test_bad_input_is_a_usage_error(daemon: DaemonProcess, client: Client) -> None:
+    bad = "\udcff"  # how Python hands over the byte 0xff of argv: not UTF-8
+    add = ["submit", "--pool", "python", "--call", "jobd.demo:add"]
+    cases: list[tuple[list[str], list[str]]] = [
+        (["submit", "--", "echo", bad], ["argument 2 of the command is not valid UTF-8"]),
+        (["submit", "--env", f"A={bad}", "--", "true"], ["--env", "A=\\xff", "not valid UTF-8"]),
+        (["submit", "--shell", f"echo {bad}"], ["--shell", "not valid UTF-8"]),
+        (["submit", "--name", bad, "--", "true"], ["--name", "not valid UTF-8"]),
+        (["submit", "-t", "ok", "--tag", bad, "--", "true"], ["--tag", "not valid UTF-8"]),
+        (["submit", "--cwd", bad, "--", "true"], ["--cwd", "not valid UTF-8"]),
+        ([*add, "--arg", f'"{bad}"'], ["--arg", "not valid UTF-8"]),
+        (["ls", "--name", bad], ["--name", "not valid UTF-8"]),
+        ([*add, "--arg", "NaN", "--arg", "1"], ["--arg", "NaN/Infinity are not JSON numbers"]),
+        ([*add, "--arg", "-Infinity"], ["--arg", "NaN/Infinity are not JSON numbers"]),
+        ([*add, "--arg", "[1e400]"], ["--arg", "NaN/Infinity are not JSON numbers"]),
+        ([*add, "--kwargs", '{"a": Infinity}'], ["--kwargs", "NaN/Infinity are not JSON"]),
+        (["wait", "--timeout", "nan", "1"], ["--timeout", "0 or more"]),
+        (["wait", "--timeout", "-1", "1"], ["--timeout", "0 or more"]),
+        (["show", "-1"], ["ID must be a positive run id"]),
+        (["show", "0"], ["ID must be a positive run id"]),
+        (["show", str(2**63)], ["ID must be a positive run id"]),
+        (["cancel", "1", "-2"], ["ID must be a positive run id"]),
+        (["logs", "-f", "-3"], ["ID must be a positive run id"]),
+        (["wait", "--json", "-1"], ["ID must be a positive run id"]),
+        (["show", "seven"], ["'seven' is not a run id"]),
+        (["cancel", "1", "--forc"], ["no such option: --forc"]),
+    ]
+    results = jobctl_all(daemon.socket, *(args for args, _ in cases))
+    for result, (_, words) in zip(results, cases, strict=True):
+        usage_error(result, *words)
+        assert "No such option" not in result.stderr
+    assert client.list()["runs"] == []  # nothing was submitted
+
+
+def test_wait_timeout_inf_is_no_timeout(daemon: DaemonProcess, client: Client) -> None:
+    run_id = client.submit(command=["true"])
+    client.wait(run_id)
+    for result in jobctl_all(
+        daemon.socket,
+        ["wait", "--timeout", "inf", str(run_id)],
+        ["wait", "--timeout", "1e400", str(run_id)],  # inf too, as a float
+    ):
+        assert ok(result).split() == [str(run_id), "succeeded", "exit", "0"]
+
+
+# -- what a submission carries never reaches the terminal raw -----------------
+
+
+def test_control_characters_are_escaped(
+    daemon: DaemonProcess, client: Client, workdir: Path
+) -> None:
+    esc, csi, bel = "\x1b", "\x9b", "\x07"  # ESC, the one-byte C1 CSI, BEL
+    cwd = workdir / f"d{esc}[1m"
+    cwd.mkdir()
+    named = client.submit(
+        command=["true"],
+        name=f"{esc}[2J[/]name{csi}",  # also rich markup, which must stay text
+        tags=[f"{esc}[31mtag"],
+        env={"K": f"{esc}[0m\n"},
+        cwd=str(cwd),
+    )
+    command = client.submit(command=["printf", f"{esc}]0;title{bel}%s", "x"])
+    shell = client.submit(shell=f"echo '{csi}31m'; exit 3")
+    failed = client.submit(call="jobd.demo:fail", args=[f"{esc}[31mboom{bel}"], pool="python")
+    ids = [str(i) for i in (named, command, shell, failed)]
+    client.wait([named, command, shell, failed])
+    results = jobctl_all(
+        daemon.socket,
+        ["ls"],
+        *(["show", i] for i in ids),
+        ["wait", *ids],
+        ["cancel", *ids],
+        ["status"],
+    )
+    for result in results:
+        assert result.returncode in (0, EXIT_ERROR), result
+        for raw in (esc, csi, bel):
+            assert raw not in result.stdout and raw not in result.stderr, (result.args, raw)
+    listing, show_named, show_command, show_shell, show_failed, wait, _, _ = results
+    assert "\\x1b[2J[/]name\\x9b" in listing.stdout  # one line per run, escaped
+    assert "\\x1b]0;title\\x07%s" in listing.stdout and "\\x9b31m" in listing.stdout
+    for text in ("\\x1b[2J[/]name\\x9b", "\\x1b[31mtag", "K='\\x1b[0m\\n'", "d\\x1b[1m"):
+        assert text in show_named.stdout, text
+    assert "\\x1b]0;title\\x07%s" in show_command.stdout
+    assert "\\x9b31m" in show_shell.stdout
+    assert show_failed.stdout.count("RuntimeError: \\x1b[31mboom\\x07") == 2  # reason, error
+    assert "RuntimeError: \\x1b[31mboom\\x07" in wait.stdout
+
+
+# -- logs of a run that has not started ---------------------------------------
+
+
+def test_logs_of_a_run_not_started(daemon: DaemonProcess, client: Client, workdir: Path) -> None:
+    sock = daemon.socket
+    go = workdir / "go"
+    busy = [client.submit(command=blocker(go)) for _ in range(2)]
+    wait_for(lambda: [state_of(client, i) for i in busy] == ["running"] * 2, "busy workers")
+    queued = client.submit(command=["echo", "hi"])  # both workers are busy: it stays queued
+    never = client.submit(command=["true"])
+    client.cancel(never)
+    try:
+        plain, as_json_, cancelled = jobctl_all(
+            sock, ["logs", str(queued)], ["logs", "--json", str(queued)], ["logs", str(never)]
+        )
+        following = start(sock, "logs", "-f", str(queued))
+    finally:
+        go.touch()
+    for result in plain, as_json_:
+        assert ok(result) == ""
+        assert f"run {queued} has not started yet (queued); use -f to follow" in result.stderr
+    assert ok(cancelled) == ""
+    assert f"run {never} never started (cancelled)" in cancelled.stderr
+    followed = finish(following)
+    assert ok(followed) == "hi\n" and followed.stderr == ""
+
+
+# -- losing the daemon, forbidden ----------------------------------------------
+
+
+def test_lost_connection_exits_unreachable(
+    daemon: DaemonProcess, client: Client, workdir: Path
+) -> None:
+    go = workdir / "go"
+    try:
+        waiting = start(daemon.socket, "submit", "--wait", "--", *blocker(go))
+        run_id = int(read_until(waiting, "\n"))  # submitted: the wait comes next, same connection
+        waiting_too = start(daemon.socket, "wait", str(run_id))  # connected yet or not: exit 2
+        daemon.kill()
+        lost, gone = finish(waiting), finish(waiting_too)
+    finally:
+        go.touch()
+    assert lost.returncode == EXIT_UNREACHABLE, lost  # not 1, a job's failure
+    assert lost.stdout == ""  # after the id, which read_until took
+    assert lost.stderr.startswith("jobctl: ") and "connection" in lost.stderr, lost.stderr
+    assert "Traceback" not in lost.stderr
+    one_line_error(gone, EXIT_UNREACHABLE, "")
+
+
+# Runs jobctl with the effective uid of nobody, the uid SO_PEERCRED reports to the
+# daemon, but with root's file access (fsuid), to read this Python under /root.
+AS_NOBODY = """
+import ctypes, os, runpy, sys
+os.setresuid(0, 65534, 0)
+ctypes.CDLL(None, use_errno=True).setfsuid(0)
+sys.argv[0] = "jobctl"
+runpy.run_module("jobd.cli", run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to ask as another uid")
+def test_forbidden_names_the_uid(daemon: DaemonProcess) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", AS_NOBODY, *args],
+            env=environment(daemon.socket),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in (["ls"], ["--json", "show", "1"])
+    ]
+    human, as_json_ = (finish(proc) for proc in procs)
+    one_line_error(human, EXIT_UNREACHABLE, "list needs the read role")
+    assert "  hint: you are uid 65534 (nobody); an admin can grant roles" in human.stderr
+    error = json_error(as_json_, EXIT_UNREACHABLE, "forbidden")
+    assert error["hint"].startswith("you are uid 65534 (nobody); ")
