@@ -152,6 +152,7 @@ class ModelJournal:
         self.runs: dict[int, Row] = {}
         self.attempts: dict[tuple[int, int], AttemptRow] = {}
         self.seq = 0  # sqlite_sequence for runs: the largest id ever inserted
+        self.withdrawn: set[tuple[int, int]] = set()  # attempts undone, never begun
         self.transactions: list[list[Effect]] = []  # every commit, in order
 
     def write(self, effects: list[Effect]) -> None:
@@ -230,6 +231,7 @@ class ModelJournal:
                     attempt = self.attempts.pop((row.id, effect.attempt))
                     assert attempt.outcome is None, "withdrew an attempt that ended"
                     row.state, row.attempts = State.QUEUED, row.attempts - 1
+                    self.withdrawn.add((row.id, effect.attempt))
                 case Kill() | KillLeftovers():
                     pass  # actions only: no journal row
 
@@ -659,6 +661,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert key in self.live and key in self.killed, f"{key}: cancel without Kill"
             else:
                 assert row.state is State.CANCELLED, f"run {row.id} cancelled, ended {row.state}"
+                if (row.id, row.attempts + 1) in self.journal.withdrawn:
+                    continue  # cancelled before its attempt began: that attempt was undone
                 outcome = self.journal.attempts[key].outcome
                 assert outcome in (Outcome.CANCELLED, Outcome.SUCCEEDED, Outcome.LOST), outcome
         for key in self.live:
