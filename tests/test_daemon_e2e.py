@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import subprocess
 from pathlib import Path
@@ -501,3 +502,39 @@ def test_waiter_wakes_however_its_last_run_goes() -> None:
             waiter.discard(run_id)
         assert waiter.done.is_set() and not waiter.remaining
     assert _Waiter(set()).done.is_set()
+
+
+def test_a_full_disk_is_refused_clearly_and_loses_nothing(daemon: DaemonProcess) -> None:
+    """A real write failure: the daemon's file size limit (RLIMIT_FSIZE) set below the
+    journal's WAL, so every commit fails with EFBIG, as on a full disk."""
+    c = daemon.raw()
+    first = c.result("submit", {"command": ["true"]})["id"]
+    wait_all(c, [first])
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, hard))
+    try:
+        # The request whose commit fails is answered at once (it does not hang until
+        # the disk has room), and not acknowledged.
+        reply = c.request("submit", {"command": ["true"], "name": "held"})
+        error = reply.get("error", {})
+        assert error.get("code") == "unavailable", reply
+        assert "not acknowledged" in error["message"] and error.get("hint"), reply
+        # Later requests are refused up front; reads still work.
+        reply = c.request("submit", {"command": ["true"]})
+        assert reply.get("error", {}).get("code") == "unavailable", reply
+        stats = c.result("stats")
+        assert stats["daemon"]["healthy"] is False and stats["daemon"]["last_error"]
+        assert c.result("get", {"id": first})["state"] == "succeeded"
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+    # The disk has room again: the held submission is committed and runs, as the
+    # error said it might; nothing acknowledged was lost.
+    wait_for(lambda: c.result("stats")["daemon"]["healthy"], "the journal to commit again")
+    held = c.result("list", {"name": "held"})["runs"]
+    assert len(held) == 1
+    assert wait_all(c, [held[0]["id"]])[held[0]["id"]]["state"] == "succeeded"
+    assert daemon.stop() == 0
+    db = apsw.Connection(str(daemon.journal))
+    assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
