@@ -538,3 +538,24 @@ def test_a_full_disk_is_refused_clearly_and_loses_nothing(daemon: DaemonProcess)
     assert daemon.stop() == 0
     db = apsw.Connection(str(daemon.journal))
     assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_journal_cannot_commit_exits_1_in_bounded_time(
+    daemon: DaemonProcess,
+) -> None:
+    c = daemon.raw()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, hard))
+    reply = c.request("submit", {"command": ["true"], "name": "never-acknowledged"})
+    assert reply.get("error", {}).get("code") == "unavailable", reply
+    # It does not hang in its last commit: it gives up after FINAL_FLUSH_SECONDS and
+    # exits 1. (What it logs cannot reach this test: the daemon's log is a file, under
+    # the same size limit.)
+    assert daemon.stop() == 1
+    daemon.start()
+    c = daemon.raw()
+    assert c.result("list", {"name": "never-acknowledged"})["runs"] == []
+    assert c.result("stats")["daemon"]["healthy"] is True
