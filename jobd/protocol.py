@@ -334,7 +334,9 @@ def parse_submission(data: Any, where: str = "params", owner: int = 0) -> NewRun
     if not isinstance(tags, list) or (
         tags and not all(isinstance(t, str) and t and len(t) <= 100 and "\0" not in t for t in tags)
     ):
-        raise invalid(f"{where}.tags: must be a list of short non-empty strings")
+        raise invalid(
+            f"{where}.tags: must be a list of non-empty strings of at most 100 characters"
+        )
     spec = Spec(kind, command, shell, call, args, kwargs, env, cwd)
     return NewRun(spec, pool, priority, name, tuple(dict.fromkeys(tags)) if tags else (), owner)
 

@@ -353,7 +353,7 @@ class Server:
             )
             return
         version = request.params.get("protocol", PROTOCOL_VERSION)
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
             await conn.error(
                 request.id,
                 ProtocolError(

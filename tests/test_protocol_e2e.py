@@ -370,6 +370,8 @@ def test_hello_is_required_first_and_checks_the_version(shared: DaemonProcess) -
         request_error(c, "submit", {"command": ["true"]}, "hello_required", "hello")
         request_error(c, "hello", {"protocol": 99}, "unsupported_version", "99")
         request_error(c, "hello", {"protocol": "1"}, "unsupported_version", "'1'")
+        request_error(c, "hello", {"protocol": True}, "unsupported_version", "True")
+        request_error(c, "hello", {"protocol": 1.0}, "unsupported_version", "1.0")
         request_error(c, "stats", {}, "hello_required")  # a refused hello does not count
         hello = c.result("hello", {"protocol": 1, "client": "test_protocol_e2e"})
         assert hello["protocol"] == 1, hello
