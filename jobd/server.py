@@ -125,7 +125,8 @@ class Connection:
             return
         try:
             async with self.send_lock:
-                await self.stream.send_all(line)
+                if not self.closed:  # it may have closed while this waited for the lock
+                    await self.stream.send_all(line)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.closed = True  # the client went away; nothing to do
 
@@ -156,7 +157,12 @@ class Connection:
         discard (for a bounded time and size) until the client closes."""
         await self.error(exc.request_id, exc)
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.stream.send_eof()
+            # Under the send lock like every send: replies queued behind the
+            # error must not write while the stream shuts down (trio refuses
+            # two senders at once), and after it nothing more is sent.
+            async with self.send_lock:
+                self.closed = True
+                await self.stream.send_eof()
             with trio.move_on_after(LINGER_SECONDS):
                 discarded = 0
                 while discarded < LINGER_BYTES:
@@ -264,6 +270,10 @@ class Server:
             async with trio.open_nursery() as requests, trio.open_nursery() as polls:
                 await self._read_requests(conn, requests, polls)
                 polls.cancel_scope.cancel()  # nobody is left to hear a long-poll's answer
+        except Exception:
+            # A bug in serving one connection closes that connection, never the
+            # daemon: the other clients and every run go on.
+            log.exception("internal error serving a connection of uid %d; closing it", peer.uid)
         finally:
             self.connections -= 1
             conn.closed = True
