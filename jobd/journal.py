@@ -30,8 +30,10 @@ connection in another thread, which runs alongside the following commits.
 Under sustained load a passive checkpoint never catches up with the writer,
 so the WAL cannot start over; once it holds ``checkpoint_pages_max`` pages
 the writer checkpoints inline before its next transaction (cheap by then:
-the background checkpoints have copied almost everything), which bounds the
-WAL file.
+the background checkpoints have copied almost everything; background ones
+pause meanwhile, as SQLite runs one checkpointer at a time), which bounds the
+WAL file as far as readers allow: a reader's snapshot keeps the frames it
+may need, and reads here are single short queries.
 """
 
 from __future__ import annotations
@@ -273,9 +275,15 @@ class Journal:
     def write(self, effects: Sequence[Effect], audit: Sequence[AuditEntry] = ()) -> None:
         """Write effects and audit entries in one transaction. Raises JournalError."""
         db = self._db
-        try:
-            if self.wal_pages >= self.checkpoint_pages_max:
+        if self.wal_pages >= self.checkpoint_pages_max:
+            try:
                 db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            except apsw.Error as exc:
+                # Busy while a background checkpoint finishes (the next commit
+                # tries again), or failing like the commit below will: either
+                # way it must not fail a commit that could succeed.
+                log.debug("inline checkpoint skipped: %s", exc)
+        try:
             with db:
                 for kind, group in groupby(effects, type):
                     _writer_for(kind)(db, list(group))
@@ -288,17 +296,21 @@ class Journal:
             raise JournalError(f"journal commit failed: {exc}", hint=_hint_for(exc)) from exc
 
     @_translate("checkpoint failed")
-    def checkpoint(self) -> tuple[int, int]:
+    def checkpoint(self) -> tuple[int, int] | None:
         """A PASSIVE checkpoint on a connection of its own, alongside the writer.
 
-        Returns (pages in the WAL, pages copied into the database). Run it in
-        one thread at a time, never in the writer's."""
+        Returns (pages in the WAL, pages copied into the database), or None if
+        another checkpoint (the writer's inline one) was running. Run it in one
+        thread at a time, never in the writer's."""
         if self._checkpointer is None:
             db = apsw.Connection(self.path)
             db.setbusytimeout(5000)
             db.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             self._checkpointer = db
-        pages, copied = self._checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        try:
+            pages, copied = self._checkpointer.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except apsw.BusyError:
+            return None  # one checkpointer at a time: that one does the work
         return pages, copied
 
     # -- reads (any thread; a pooled connection per query) -------------------
@@ -737,7 +749,11 @@ class GroupCommitter:
         pages = self.journal.wal_pages
         if pages < self._checkpointed_to:  # the WAL started over
             self._checkpointed_to = 0
-        if self._checkpointing or pages - self._checkpointed_to < self.journal.checkpoint_pages:
+        if (
+            self._checkpointing
+            or pages - self._checkpointed_to < self.journal.checkpoint_pages
+            or pages >= self.journal.checkpoint_pages_max  # the writer's inline one is due
+        ):
             return
         self._checkpointing = True
         self._checkpointed_to = pages
@@ -745,13 +761,13 @@ class GroupCommitter:
 
     async def _checkpoint(self) -> None:
         try:
-            await trio.to_thread.run_sync(self.journal.checkpoint)
+            done = await trio.to_thread.run_sync(self.journal.checkpoint)
         except JournalError as exc:
             # Not fatal: the next one retries, and the writer's inline
             # checkpoint still bounds the WAL.
             log.warning("background checkpoint failed: %s", exc)
         else:
-            self._checkpoints += 1
+            self._checkpoints += done is not None
         finally:
             self._checkpointing = False
 
