@@ -363,20 +363,20 @@ class Daemon:
                 allowed.append(run_id)
         effects = self.scheduler.handle(Cancel(tuple(allowed)), time.time())
         results.update(self.scheduler.cancel_results)
+        # The core has changed: its effects go to the writer before any await,
+        # so that nothing can separate memory from the journal.
+        done = [i for i, r in results.items() if r in ("cancelled", "cancelling")]
+        audit = AuditEntry(time.time(), uid, pid, "cancel", {"runs": done}) if done else None
+        await self._journaled(self.writer.add(effects, audit), "the cancel")
+        # Runs the core no longer knows ended (or never existed). Every commit
+        # before this one is in the journal now, including the end of a run
+        # that finished just before the cancel.
         unknown = [i for i in ids if i not in results or results[i] == "unknown"]
         if unknown:
             known = await trio.to_thread.run_sync(self.journal.run_summaries, unknown)
-            if any(not State(s["state"]).terminal for s in known.values()):
-                # Ended in memory, its end not yet committed: read it once it is.
-                await self._journaled(self.writer.add(()), "the cancel")
-                known = await trio.to_thread.run_sync(self.journal.run_summaries, unknown)
             for run_id in unknown:
                 summary = known.get(run_id)
                 results[run_id] = f"already_{summary['state']}" if summary else "not_found"
-        done = [i for i, r in results.items() if r in ("cancelled", "cancelling")]
-        audit = AuditEntry(time.time(), uid, pid, "cancel", {"runs": done}) if done else None
-        batch = self.writer.add(effects, audit)
-        await self._journaled(batch, "the cancel")
         return {i: results[i] for i in ids}
 
     @contextlib.contextmanager

@@ -159,6 +159,7 @@ class Executor:
         with self._lock:
             for item in taken:
                 self._pending.discard((item.run_id, item.attempt))
+                self._kill_requested.discard((item.run_id, item.attempt))
         return taken
 
     def kill(self, run_id: int, attempt: int, sig: int = KILL_SIGNAL) -> None:

@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -504,37 +505,68 @@ def test_waiter_wakes_however_its_last_run_goes() -> None:
     assert _Waiter(set()).done.is_set()
 
 
-def test_a_full_disk_is_refused_clearly_and_loses_nothing(daemon: DaemonProcess) -> None:
+def test_a_full_disk_is_refused_clearly_and_loses_nothing(
+    daemon_factory: type[DaemonProcess], workdir: Path
+) -> None:
     """A real write failure: the daemon's file size limit (RLIMIT_FSIZE) set below the
     journal's WAL, so every commit fails with EFBIG, as on a full disk."""
+    daemon = daemon_factory("[pools.one]\nkind = 'process'\nworkers = 1\n")
+    daemon.start()
     c = daemon.raw()
-    first = c.result("submit", {"command": ["true"]})["id"]
-    wait_all(c, [first])
+    release, finish = workdir / "release", workdir / "finish"
+    busy = [
+        c.result("submit", {"command": blocker(release), "pool": "one"})["id"],
+        c.result("submit", {"command": blocker(finish)})["id"],
+    ]
+    queued = c.result("submit", {"command": ["true"], "pool": "one"})["id"]  # one is busy
+    wait_for(  # nothing of theirs left to commit once the disk is "full"
+        lambda: all(c.result("get", {"id": i})["attempt_list"][0]["pid"] for i in busy),
+        "the busy runs' pids in the journal",
+    )
     assert daemon.proc is not None
     pid = daemon.proc.pid
     _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, hard))
-    try:
-        # The request whose commit fails is answered at once (it does not hang until
-        # the disk has room), and not acknowledged.
-        reply = c.request("submit", {"command": ["true"], "name": "held"})
+
+    def disk_full() -> None:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, hard))
+
+    def disk_has_room() -> None:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
+        wait_for(lambda: c.result("stats")["daemon"]["healthy"], "the journal to commit again")
+
+    def not_acknowledged(reply: dict[str, Any]) -> None:
+        # Answered at once (not after the disk has room), and saying what it means.
         error = reply.get("error", {})
         assert error.get("code") == "unavailable", reply
         assert "not acknowledged" in error["message"] and error.get("hint"), reply
+
+    try:
+        disk_full()
+        not_acknowledged(c.request("cancel", {"ids": [queued]}))
         # Later requests are refused up front; reads still work.
         reply = c.request("submit", {"command": ["true"]})
         assert reply.get("error", {}).get("code") == "unavailable", reply
+        assert "nothing was accepted" in reply["error"]["message"], reply
         stats = c.result("stats")
         assert stats["daemon"]["healthy"] is False and stats["daemon"]["last_error"]
-        assert c.result("get", {"id": first})["state"] == "succeeded"
+        assert c.result("get", {"id": busy[0]})["state"] == "running"
+        disk_has_room()
+        # The held cancel took effect once it could be journaled: the run never ran.
+        assert wait_all(c, [queued])[queued]["state"] == "cancelled"
+        assert c.result("get", {"id": queued})["attempt_list"] == []
+
+        disk_full()
+        not_acknowledged(c.request("submit", {"command": ["true"], "name": "held"}))
+        disk_has_room()
     finally:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
-    # The disk has room again: the held submission is committed and runs, as the
-    # error said it might; nothing acknowledged was lost.
-    wait_for(lambda: c.result("stats")["daemon"]["healthy"], "the journal to commit again")
+    # The held submission is committed and runs, as the error said it might.
     held = c.result("list", {"name": "held"})["runs"]
     assert len(held) == 1
+    release.touch()
+    finish.touch()
     assert wait_all(c, [held[0]["id"]])[held[0]["id"]]["state"] == "succeeded"
+    assert {r["state"] for r in wait_all(c, busy).values()} == {"succeeded"}
     assert daemon.stop() == 0
     db = apsw.Connection(str(daemon.journal))
     assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
