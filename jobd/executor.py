@@ -364,7 +364,7 @@ class Executor:
             self._procs[key] = proc.pid
             kill_now = key in self._kill_requested
             self._kill_requested.discard(key)
-        self._hand_back(ProcessStarted(item.run_id, item.attempt, proc.pid))
+        self._hand_back(ProcessStarted(item.run_id, item.attempt, proc.pid, _start_ticks(proc.pid)))
         if kill_now:  # cancelled while it was being spawned
             _signal_group(proc.pid, KILL_SIGNAL)
             assert self._token is not None
@@ -439,9 +439,6 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-LEFTOVER_START_SLACK = 2.0  # seconds: /proc start times have whole-second boot time
-
-
 def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int]:
     """SIGKILL every process group left over from lost attempts; return the pgids killed.
 
@@ -450,32 +447,34 @@ def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int
     - its environment carries this journal's ``JOBD_INSTANCE`` and the
       attempt's ``JOBD_RUN_ID``/``JOBD_ATTEMPT``: this finds it even when the
       daemon died before it could journal the pid; or
-    - its process group is the attempt's journaled pid and it started after
-      the attempt did: this finds a job that cleared or replaced its
-      environment (``env -i``, ``su -``), even once its leader has exited,
-      and never an unrelated group that recycled the number earlier.
+    - it is the attempt's journaled process itself: same pid *and* same start
+      time (clock ticks after boot), still leading its group. This finds a
+      job that cleared or replaced its environment (``env -i``, ``su -``),
+      and never a later process that reused the pid (after a reboot, in a new
+      pid namespace, or after the pids wrapped around).
 
-    The whole process group of every such process is killed.
+    The whole process group of every such process is killed, never the
+    daemon's own.
     """
     attempts = list(attempts)
     if not attempts:
         return []
     wanted = {(b"JOBD_RUN_ID=%d" % a.run_id, b"JOBD_ATTEMPT=%d" % a.attempt) for a in attempts}
-    recorded = {a.pid: a.started_at for a in attempts if a.pid is not None}
+    leaders = {(a.pid, a.pid_started) for a in attempts if a.pid and a.pid_started is not None}
     marker = f"JOBD_INSTANCE={instance}".encode()
-    boot = _boot_time()
+    own = {os.getpid(), os.getpgrp()}
     groups: set[int] = set()
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit() or int(entry.name) in own:
             continue
         pid = int(entry.name)
         try:
-            pgid, started = _group_and_start(pid, boot)
-            if pgid in recorded:
-                since = recorded[pgid]
-                if since is None or started >= since - LEFTOVER_START_SLACK:
-                    groups.add(pgid)
-                    continue
+            pgid, ticks = _group_and_ticks(pid)
+            if pgid in own:
+                continue
+            if pgid == pid and (pid, ticks) in leaders:
+                groups.add(pgid)
+                continue
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = set(f.read().split(b"\0"))
             if marker in environ and any(r in environ and t in environ for r, t in wanted):
@@ -487,20 +486,17 @@ def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int
     return sorted(groups)
 
 
-def _boot_time() -> float:
-    with open("/proc/stat", "rb") as f:
-        for line in f:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    raise OSError("no btime in /proc/stat")
-
-
-def _group_and_start(pid: int, boot: float) -> tuple[int, float]:
-    """A process's group id and its start time (Unix seconds), from /proc/PID/stat."""
+def _group_and_ticks(pid: int) -> tuple[int, int]:
+    """A process's group id and start time (clock ticks after boot), from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces and parentheses: split after it.
     fields = stat[stat.rindex(b")") + 2 :].split()
-    pgid = int(fields[2])  # field 5
-    ticks = int(fields[19])  # field 22: start time in clock ticks after boot
-    return pgid, boot + ticks / os.sysconf("SC_CLK_TCK")
+    return int(fields[2]), int(fields[19])  # fields 5 (pgrp) and 22 (starttime)
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        return _group_and_ticks(pid)[1]
+    except (OSError, ValueError, IndexError):
+        return None  # already gone: nothing to find later either

@@ -126,6 +126,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX audit_at ON audit (at);
     """,
+    # 2: the start time of an attempt's process (group leader), so that recovery
+    # can tell that process from any later one that reused its pid.
+    """
+    ALTER TABLE attempts ADD COLUMN pid_started INTEGER;  -- clock ticks after boot
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -350,7 +355,7 @@ class Journal:
         rows = _rows(
             db.execute(
                 f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
-                f" runs.attempts, lost, cancel_requested, a.pid, a.started_at FROM runs"
+                f" runs.attempts, lost, cancel_requested, a.pid, a.pid_started FROM runs"
                 f" LEFT JOIN attempts a ON a.run_id = runs.id AND a.attempt = runs.attempts"
                 f" WHERE state IN ({marks}) ORDER BY id",
                 states,
@@ -371,7 +376,7 @@ class Journal:
                 lost=r[10],
                 cancel_requested=bool(r[11]),
                 attempt_pid=r[12],
-                attempt_started_at=r[13],
+                attempt_pid_started=r[13],
             )
             for r in rows
         ]
@@ -650,8 +655,8 @@ def _write_cancel_requested(db: apsw.Connection, effects: list[CancelRequested])
 
 def _write_pid(db: apsw.Connection, effects: list[PidRecorded]) -> None:
     db.executemany(
-        "UPDATE attempts SET pid = ? WHERE run_id = ? AND attempt = ?",
-        [(e.pid, e.run_id, e.attempt) for e in effects],
+        "UPDATE attempts SET pid = ?, pid_started = ? WHERE run_id = ? AND attempt = ?",
+        [(e.pid, e.started, e.run_id, e.attempt) for e in effects],
     )
 
 

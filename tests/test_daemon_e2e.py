@@ -231,38 +231,32 @@ def test_leftover_process_of_a_lost_attempt_is_killed_before_retry(
     assert marker.read_text().split() == ["1", "2"]
 
 
-def test_leftover_without_jobd_environment_is_found_by_its_journaled_group(
+def test_leftover_without_jobd_environment_is_found_by_its_journaled_pid(
     daemon: DaemonProcess, workdir: Path
 ) -> None:
-    """A job that cleared its environment (env -i, su -) and whose group leader is gone
-    by the time the daemon comes back: its group is the journaled pid, and it started
-    after the attempt, so it is killed before the retry."""
+    """A job that replaced its environment (env -i, su -) carries no JOBD_* marks: the
+    journaled pid and start time of the attempt's process find it instead."""
     c = daemon.raw()
-    pidfile = workdir / "pid"
     run_id = c.result(
-        "submit",
-        {
-            "shell": f"[ $JOBD_ATTEMPT -gt 1 ] && exit 0;"
-            f" env -i /bin/sleep 300 & echo $! > {pidfile}; wait"
-        },
+        "submit", {"shell": "[ $JOBD_ATTEMPT -gt 1 ] && exit 0; exec env -i /bin/sleep 300"}
     )["id"]
-    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the first attempt")
     wait_for(
-        lambda: c.result("get", {"id": run_id})["attempt_list"][0]["pid"] is not None,
+        lambda: (c.result("get", {"id": run_id})["attempt_list"] or [{}])[0].get("pid"),
         "the attempt's pid in the journal",
     )
     leader = c.result("get", {"id": run_id})["attempt_list"][0]["pid"]
-    survivor = int(pidfile.read_text())
-    assert os.getpgid(survivor) == leader
-    assert b"JOBD_" not in Path(f"/proc/{survivor}/environ").read_bytes()
+    wait_for(
+        lambda: Path(f"/proc/{leader}/cmdline").read_bytes().startswith(b"/bin/sleep"),
+        "the exec",
+    )
+    assert b"JOBD_" not in Path(f"/proc/{leader}/environ").read_bytes()
     daemon.kill()
-    os.kill(leader, signal.SIGKILL)  # the leader dies; its group lives on
-    wait_for(lambda: not pid_alive(leader), "the leader to go")
+    assert pid_alive(leader)
     daemon.start()
     c = daemon.raw()
     run = wait_all(c, [run_id])[run_id]
     assert run["state"] == "succeeded" and run["attempts"] == 2
-    wait_for(lambda: not pid_alive(survivor), "the leftover to be killed")
+    wait_for(lambda: not pid_alive(leader), "the leftover to be killed")
 
 
 def test_sigterm_puts_prefetched_runs_back_in_the_queue_unbegun(

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import trio
 
 from jobd.config import PoolConfig
-from jobd.core.effects import Started
+from jobd.core.effects import KillLeftovers, Started
 from jobd.core.model import Kind, Outcome, Result, Spec
-from jobd.executor import Executor, Handback
+from jobd.executor import Executor, Handback, _start_ticks, kill_leftovers
 
 
 async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -33,3 +35,21 @@ async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path
         executor.kill(1, 1)
         assert not executor._kill_requested and not executor._pending
         nursery.cancel_scope.cancel()
+
+
+def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> None:
+    # A process that reused a journaled pid (after a reboot, in a new pid namespace,
+    # after the pids wrapped) has another start time: it is left alone.
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True, env={})
+    try:
+        ticks = _start_ticks(proc.pid)
+        assert ticks is not None
+        stranger = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks - 1)
+        assert kill_leftovers("some-instance", [stranger]) == []
+        assert proc.poll() is None
+        ours = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks)
+        assert kill_leftovers("some-instance", [ours]) == [proc.pid]
+        assert proc.wait(30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()

@@ -16,6 +16,7 @@ from jobd.core.effects import Created, Effect, Ended, PidRecorded, Started, Stat
 from jobd.core.model import Kind, Outcome, Result, Spec, State
 from jobd.errors import JournalError, JournalLockedError, JournalVersionError
 from jobd.journal import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     AuditEntry,
     GroupCommitter,
@@ -329,4 +330,38 @@ def test_a_background_checkpoint_never_fails_a_commit(tmp_path: Path) -> None:
         stop.set()
         thread.join()
     assert journal.count_by_state() == {"queued": 500}
+    journal.close()
+
+
+# A journal as schema version 1 wrote it: the migration to 2 must keep every row.
+FROZEN_V1_ROWS = """
+INSERT INTO meta VALUES ('instance', '0123456789abcdef');
+INSERT INTO runs (id, name, pool, priority, state, kind, spec, tags, owner, submitted_at,
+                  updated_at, attempts, lost, cancel_requested, exit_code, reason)
+VALUES (1, 'old', 'default', 0, 'running', 'command',
+        '{"kind":"command","command":["sleep","9"]}', '["t"]', 1000, 1.0, 2.0, 1, 0, 0,
+        NULL, NULL);
+INSERT INTO attempts (run_id, attempt, started_at, pid) VALUES (1, 1, 2.0, 4242);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_journal_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    path = str(tmp_path / "v1.db")
+    db = apsw.Connection(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(MIGRATIONS[0])
+    db.execute(FROZEN_V1_ROWS)
+    db.close()
+    journal = Journal(path, "normal")
+    assert journal.schema_version == SCHEMA_VERSION == 2
+    assert journal.instance == "0123456789abcdef"
+    runs, next_id = journal.load_active()
+    assert [(r.id, r.name, r.state, r.attempt_pid, r.attempt_pid_started) for r in runs] == [
+        (1, "old", State.RUNNING, 4242, None)  # v1 never recorded start times
+    ]
+    assert next_id == 2
+    run = journal.get_run(1)
+    assert run is not None and run["attempt_list"][0]["pid"] == 4242
+    assert journal.integrity_check() == "ok"
     journal.close()

@@ -83,11 +83,13 @@ class Withdrawn:
 
 @dataclass(frozen=True, slots=True)
 class PidRecorded:
-    """A command's process (group leader) pid, so a restart can find leftovers."""
+    """A command's process (group leader): its pid and start time (clock ticks
+    after boot, None if unknown), so a restart can find exactly that process."""
 
     run_id: int
     attempt: int
     pid: int
+    started: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +104,14 @@ class Kill:
 class KillLeftovers:
     """Kill whatever survives of an attempt lost in a crash, before any retry (action).
 
-    ``pid`` is the journaled leader of the attempt's process group, if the
-    daemon lived long enough to record it; ``started_at`` tells its group
-    from a later one that recycled the number."""
+    ``pid`` and ``pid_started`` (clock ticks after boot) name the journaled
+    leader of the attempt's process group, if the daemon lived long enough
+    to record it."""
 
     run_id: int
     attempt: int
     pid: int | None = None
-    started_at: float | None = None
+    pid_started: int | None = None
 
 
 Effect = (

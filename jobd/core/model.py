@@ -165,10 +165,11 @@ class Run:
     lost: int = 0  # attempts lost to a daemon crash
     cancel_requested: bool = False
     reason: str | None = None
-    # Where the current attempt's process group may be (its leader's pid, and
-    # when the attempt started): known from the journal at recovery only.
+    # The current attempt's process (its group's leader): pid, and start time
+    # in clock ticks after boot, which together name that one process. Known
+    # from the journal at recovery only.
     attempt_pid: int | None = None
-    attempt_started_at: float | None = None
+    attempt_pid_started: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,6 +53,7 @@ class ProcessStarted:
     run_id: int
     attempt: int
     pid: int
+    started: int | None = None  # the process's start time, clock ticks after boot
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +135,10 @@ class Scheduler:
                 self._submit(runs, now, effects)
             case Finished(results):
                 self._finished(results, effects)
-            case ProcessStarted(run_id, attempt, pid):
+            case ProcessStarted(run_id, attempt, pid, started):
                 run = self.runs.get(run_id)
                 if run is not None and run.state is State.RUNNING and run.attempts == attempt:
-                    effects.append(PidRecorded(run_id, attempt, pid))
+                    effects.append(PidRecorded(run_id, attempt, pid, started))
                 return effects
             case Cancel(run_ids):
                 self._cancel(run_ids, now, effects)
@@ -302,7 +303,7 @@ class Scheduler:
                     error="the daemon stopped while this attempt ran",
                 )
                 effects.append(
-                    KillLeftovers(run.id, run.attempts, run.attempt_pid, run.attempt_started_at)
+                    KillLeftovers(run.id, run.attempts, run.attempt_pid, run.attempt_pid_started)
                 )
                 effects.append(Ended(lost, None))
                 run.lost += 1
