@@ -80,6 +80,7 @@ class Daemon:
         self.started_at = time.time()
         self.stopping = False
         self.exit_code = 0
+        self._same_boot = False  # whether the journal's attempts ran in this boot
         self._discard_results = False
         self._waiters: dict[int, list[_Waiter]] = {}
         self._grace_scope = trio.CancelScope()  # cut short by a second SIGTERM/SIGINT
@@ -125,8 +126,15 @@ class Daemon:
             await nursery.start(self.executor.run)
             runs, next_id = await trio.to_thread.run_sync(self.journal.load_active)
             recovered = sum(r.state is State.RUNNING for r in runs)
+            # Journaled pids name processes only within the boot they ran in:
+            # the boot of the last start (recorded once its recovery committed).
+            boot = executor_mod.boot_id()
+            previous = await trio.to_thread.run_sync(self.journal.meta, "boot_id")
+            self._same_boot = boot is not None and boot == previous
             self.writer.add(self.scheduler.handle(Recover(tuple(runs), next_id), time.time()))
             await self.writer.flush()
+            if boot is not None and boot != previous:
+                await trio.to_thread.run_sync(self.journal.set_meta, "boot_id", boot)
             if recovered:
                 log.warning("recovered %d interrupted run(s) from the journal", recovered)
             async with trio.open_nursery() as serving:
@@ -280,7 +288,9 @@ class Daemon:
         leftovers = [e for e in effects if type(e) is KillLeftovers]
         if leftovers:
             # Before any start in this batch: a leftover must never overlap its retry.
-            killed = executor_mod.kill_leftovers(self.journal.instance, leftovers)
+            killed = executor_mod.kill_leftovers(
+                self.journal.instance, leftovers, same_boot=self._same_boot
+            )
             if killed:
                 log.warning("killed %d leftover process group(s) of lost attempts", len(killed))
         waiters = self._waiters

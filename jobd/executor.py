@@ -439,7 +439,18 @@ def _signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int]:
+def boot_id() -> str | None:
+    """This boot's id: pids and start times name a process only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def kill_leftovers(
+    instance: str, attempts: Iterable[KillLeftovers], *, same_boot: bool
+) -> list[int]:
     """SIGKILL every process group left over from lost attempts; return the pgids killed.
 
     A process belongs to a lost attempt if
@@ -448,10 +459,11 @@ def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int
       attempt's ``JOBD_RUN_ID``/``JOBD_ATTEMPT``: this finds it even when the
       daemon died before it could journal the pid; or
     - it is the attempt's journaled process itself: same pid *and* same start
-      time (clock ticks after boot), still leading its group. This finds a
-      job that cleared or replaced its environment (``env -i``, ``su -``),
-      and never a later process that reused the pid (after a reboot, in a new
-      pid namespace, or after the pids wrapped around).
+      time (clock ticks after boot), still leading its group, and this is the
+      boot the attempts ran in (``same_boot``). This finds a job that cleared
+      or replaced its environment (``env -i``, ``su -``), and never a later
+      process that reused the pid (after a reboot, in a new pid namespace, or
+      after the pids wrapped around).
 
     The whole process group of every such process is killed, never the
     daemon's own.
@@ -460,7 +472,11 @@ def kill_leftovers(instance: str, attempts: Iterable[KillLeftovers]) -> list[int
     if not attempts:
         return []
     wanted = {(b"JOBD_RUN_ID=%d" % a.run_id, b"JOBD_ATTEMPT=%d" % a.attempt) for a in attempts}
-    leaders = {(a.pid, a.pid_started) for a in attempts if a.pid and a.pid_started is not None}
+    leaders = {
+        (a.pid, a.pid_started)
+        for a in attempts
+        if same_boot and a.pid and a.pid_started is not None
+    }
     marker = f"JOBD_INSTANCE={instance}".encode()
     own = {os.getpid(), os.getpgrp()}
     groups: set[int] = set()

@@ -271,6 +271,28 @@ class Journal:
         rows = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchall()
         return str(rows[0][0])
 
+    @_translate("cannot read the journal")
+    def meta(self, key: str) -> str | None:
+        with self._reading() as db:
+            rows = _rows(db.execute("SELECT value FROM meta WHERE key = ?", (key,)))
+        return str(rows[0][0]) if rows else None
+
+    @_translate("cannot write the journal")
+    def set_meta(self, key: str, value: str) -> None:
+        """Write one meta value on a connection of its own (any thread; the group
+        commit writer's transactions are never shared)."""
+        if self.path == ":memory:":
+            db = self._db
+        else:
+            db = apsw.Connection(self.path)
+            db.setbusytimeout(5000)
+        try:
+            with db:
+                db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        finally:
+            if db is not self._db:
+                db.close()
+
     @property
     def schema_version(self) -> int:
         return int(_rows(self._db.execute("PRAGMA user_version"))[0][0])
@@ -283,11 +305,12 @@ class Journal:
         if self.wal_pages >= self.checkpoint_pages_max:
             try:
                 db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+            except apsw.BusyError:
+                pass  # a background checkpoint is finishing; the next commit tries again
             except apsw.Error as exc:
-                # Busy while a background checkpoint finishes (the next commit
-                # tries again), or failing like the commit below will: either
-                # way it must not fail a commit that could succeed.
-                log.debug("inline checkpoint skipped: %s", exc)
+                # It must not fail a commit that could succeed; but the WAL
+                # grows while it fails, so say so.
+                log.warning("checkpoint failed (the WAL keeps growing): %s", exc)
         try:
             with db:
                 for kind, group in groupby(effects, type):

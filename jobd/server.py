@@ -270,9 +270,10 @@ class Server:
             async with trio.open_nursery() as requests, trio.open_nursery() as polls:
                 await self._read_requests(conn, requests, polls)
                 polls.cancel_scope.cancel()  # nobody is left to hear a long-poll's answer
-        except Exception:
+        except* Exception:
             # A bug in serving one connection closes that connection, never the
-            # daemon: the other clients and every run go on.
+            # daemon: the other clients and every run go on. (except*: the error
+            # may come in a group with trio.Cancelled, which goes on up.)
             log.exception("internal error serving a connection of uid %d; closing it", peer.uid)
         finally:
             self.connections -= 1

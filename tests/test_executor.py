@@ -45,10 +45,12 @@ def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> Non
         ticks = _start_ticks(proc.pid)
         assert ticks is not None
         stranger = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks - 1)
-        assert kill_leftovers("some-instance", [stranger]) == []
-        assert proc.poll() is None
+        assert kill_leftovers("some-instance", [stranger], same_boot=True) == []
         ours = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks)
-        assert kill_leftovers("some-instance", [ours]) == [proc.pid]
+        # Journaled in another boot: pid and ticks may match a stranger by chance.
+        assert kill_leftovers("some-instance", [ours], same_boot=False) == []
+        assert proc.poll() is None
+        assert kill_leftovers("some-instance", [ours], same_boot=True) == [proc.pid]
         assert proc.wait(30) == -signal.SIGKILL
     finally:
         proc.kill()

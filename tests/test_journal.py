@@ -365,3 +365,11 @@ def test_a_version_1_journal_is_migrated_keeping_its_rows(tmp_path: Path) -> Non
     assert run is not None and run["attempt_list"][0]["pid"] == 4242
     assert journal.integrity_check() == "ok"
     journal.close()
+
+
+def test_meta_values(journal: Journal) -> None:
+    assert journal.meta("boot_id") is None
+    journal.set_meta("boot_id", "b1")
+    journal.set_meta("boot_id", "b2")
+    assert journal.meta("boot_id") == "b2"
+    assert journal.meta("instance") == journal.instance
