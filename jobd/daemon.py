@@ -45,7 +45,8 @@ from jobd.core.scheduler import (
 )
 from jobd.errors import JobdError, ProtocolError
 from jobd.executor import Executor, Handback, NotBegun
-from jobd.journal import AuditEntry, Batch, GroupCommitter, Journal, StateDirLock
+from jobd.groupcommit import Batch, GroupCommitter
+from jobd.journal import AuditEntry, Journal, StateDirLock
 from jobd.protocol import ErrorCode, not_found
 from jobd.server import Server
 

@@ -15,11 +15,11 @@ import trio.testing
 from jobd.core.effects import Created, Effect, Ended, PidRecorded, Started, StateChanged
 from jobd.core.model import Kind, Outcome, Result, Spec, State
 from jobd.errors import JournalError, JournalLockedError, JournalVersionError
+from jobd.groupcommit import GroupCommitter
 from jobd.journal import (
     MIGRATIONS,
     SCHEMA_VERSION,
     AuditEntry,
-    GroupCommitter,
     Journal,
     StateDirLock,
 )
