@@ -107,13 +107,17 @@ class _Session:
         self._pending: dict[int, deque[_Reply]] = {}  # request id → replies not yet taken
         self._failure: ClientError | None = None  # set once the connection is unusable
 
-    def learn_limits(self, server_info: Json) -> None:
-        """Adopt the limits the daemon announced in its hello result."""
+    def learn_limits(self, server_info: Json, max_batch: int) -> int:
+        """Adopt the limits the daemon announced in its hello result; returns its
+        max_batch (``max_batch`` if it announced none)."""
         limits = server_info.get("limits")
-        max_line = limits.get("max_line") if isinstance(limits, dict) else None
+        limits = limits if isinstance(limits, dict) else {}
+        max_line = limits.get("max_line")
         if isinstance(max_line, int) and max_line > 0:
             self.max_request = max_line
             self._lines.max_line = REPLY_LINE_FACTOR * max(max_line, DEFAULT_MAX_LINE)
+        announced = limits.get("max_batch")
+        return announced if isinstance(announced, int) and announced > 0 else max_batch
 
     def request(self, method: str, params: Json) -> tuple[int, bytes]:
         """Number a request; returns its id and the line to send.
@@ -262,12 +266,6 @@ def _hello_params() -> Json:
     return {"protocol": PROTOCOL_VERSION, "client": f"jobd.client {__version__}"}
 
 
-def _max_batch(server_info: Json, default: int) -> int:
-    limits = server_info.get("limits")
-    value = limits.get("max_batch") if isinstance(limits, dict) else None
-    return value if isinstance(value, int) and value > 0 else default
-
-
 def _ids(ids: int | Iterable[int]) -> builtins.list[int]:
     return [ids] if isinstance(ids, int) else builtins.list(ids)
 
@@ -383,7 +381,7 @@ class Client:
             except OSError as exc:
                 raise _connect_error(self.path, exc) from exc
             self.server_info: Json = self.call("hello", _hello_params())
-            self._learn(self.server_info)
+            self.max_batch = self._session.learn_limits(self.server_info, self.max_batch)
         except BaseException:
             self._sock.close()
             raise
@@ -397,10 +395,6 @@ class Client:
     def close(self) -> None:
         self._session.fail(ClientError(f"the connection to {self.path} was closed by this client"))
         self._sock.close()
-
-    def _learn(self, server_info: Json) -> None:
-        self._session.learn_limits(server_info)
-        self.max_batch = _max_batch(server_info, self.max_batch)
 
     # -- the protocol's methods
 
@@ -577,7 +571,7 @@ class AsyncClient:
             raise _connect_error(self.path, exc) from exc
         try:
             self.server_info = await self.call("hello", _hello_params())
-            self._learn(self.server_info)
+            self.max_batch = self._session.learn_limits(self.server_info, self.max_batch)
         except BaseException:
             await trio.aclose_forcefully(self._stream)
             raise
@@ -586,10 +580,6 @@ class AsyncClient:
         self._session.fail(ClientError(f"the connection to {self.path} was closed by this client"))
         if self._stream is not None:
             await self._stream.aclose()
-
-    def _learn(self, server_info: Json) -> None:
-        self._session.learn_limits(server_info)
-        self.max_batch = _max_batch(server_info, self.max_batch)
 
     # -- the protocol's methods (see Client for what each returns)
 

@@ -47,6 +47,11 @@ class Batch:
     # kept and retried): a requester need not hang while the disk is full.
     settled: trio.Event = field(default_factory=trio.Event)
 
+    def done(self) -> None:
+        """Committed (or nothing to commit): wake everyone waiting on it."""
+        self.committed.set()
+        self.settled.set()
+
 
 @dataclass(frozen=True, slots=True)
 class WriterStatistics:
@@ -93,15 +98,13 @@ class GroupCommitter:
                 self._wakeup = trio.Event()
                 batch, self._pending = self._pending, Batch()
                 if not batch.effects and not batch.audit:
-                    batch.committed.set()
-                    batch.settled.set()
+                    batch.done()
                     if self._closing:
                         return
                     continue
                 await self._commit(batch)
                 self.on_commit(batch.effects)
-                batch.committed.set()
-                batch.settled.set()
+                batch.done()
                 self._maybe_checkpoint(nursery)
 
     def _maybe_checkpoint(self, nursery: trio.Nursery) -> None:

@@ -71,7 +71,6 @@ METHODS: dict[str, Role] = {
     "wait": Role.READ,
     "stats": Role.READ,
 }
-STREAMING = frozenset({"logs"})
 
 SPEC_FIELDS = frozenset(
     {"command", "shell", "call", "args", "kwargs", "env", "cwd", "pool", "priority", "name", "tags"}
