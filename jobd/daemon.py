@@ -1,8 +1,17 @@
 """The composition root: wiring, signals, lifetime.
 
 Start-up: lock the state directory, open (and migrate) the journal, bind the
-socket, rebuild the heaps from the journal (runs found running were
-interrupted: their leftovers are killed and they are re-queued), then serve.
+socket, rebuild the heaps from the journal, then serve. Runs found running
+were interrupted: their leftover processes are killed and *waited for*
+before their attempt is closed as lost and they are re-queued (the core
+keeps them fenced until then; see ``jobd.core.scheduler``), so a daemon
+dying at any step of recovery leaves the kill owed, and the next start
+repeats it.
+
+A bug the daemon cannot contain (the journal writer's, or a damaged journal)
+stops it cleanly with exit status 70 (EX_SOFTWARE); systemd restarts it and
+recovery starts again from the journal, which holds exactly what was
+acknowledged.
 
 Shutdown (SIGTERM/SIGINT): refuse new work (``shutting_down``; reads are
 still served) and start no more runs, give running attempts
@@ -17,6 +26,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -29,15 +39,26 @@ from typing import Any
 
 import trio
 
-from jobd import __version__
+from jobd import __version__, faults
 from jobd import executor as executor_mod
 from jobd.config import DEFAULT_CONFIG, Config, dev_config, load_config
-from jobd.core.effects import Created, Effect, Ended, Kill, KillLeftovers, Started, StateChanged
-from jobd.core.model import Kind, NewRun, Result, Spec, State
+from jobd.core.effects import (
+    Created,
+    Effect,
+    Ended,
+    Kill,
+    KillLeftovers,
+    Quarantined,
+    Started,
+    StateChanged,
+)
+from jobd.core.model import Kind, NewRun, Outcome, Result, Spec, State
 from jobd.core.scheduler import (
     Cancel,
     Finished,
+    LeftoversGone,
     ProcessStarted,
+    Quarantine,
     Recover,
     Scheduler,
     Submit,
@@ -55,6 +76,9 @@ log = logging.getLogger("jobd")
 LOG_CHUNK = 65536  # bytes of captured output per logs event (and per read of the file)
 FINAL_FLUSH_SECONDS = 10.0  # seconds the last commit may take at exit before jobd gives up
 FOLLOW_POLL = 0.25  # seconds between reads of a growing output file (only while followed)
+EXIT_SOFTWARE = 70  # exit status after a bug or a damaged journal stopped the daemon
+REAP_SECONDS = 10.0  # seconds recovery waits for SIGKILLed leftovers to be gone, per try
+REAP_RETRY_MAX = 60.0  # seconds, cap of the backoff between tries for unkillable leftovers
 
 
 class _Waiter:
@@ -86,6 +110,8 @@ class Daemon:
         self._waiters: dict[int, list[_Waiter]] = {}
         self._grace_scope = trio.CancelScope()  # cut short by a second SIGTERM/SIGINT
         self._quiet = trio.Event()  # while stopping: nothing (left) running
+        self._stop_requested = trio.Event()  # a signal, or a bug that stops the daemon
+        self._quarantining: set[int] = set()  # runs whose Quarantined is being committed
         self.scheduler = Scheduler({p.name: p.capacity for p in config.pools.values()})
         self.server = Server(config, self)
         # Set up in run():
@@ -114,7 +140,7 @@ class Daemon:
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         config = self.config
         listener = await self.server.open_socket()
-        self.writer = GroupCommitter(self.journal, self._after_commit)
+        self.writer = GroupCommitter(self.journal, self._after_commit, self.fatal)
         self.executor = Executor(
             config.pools,
             config.log_dir,
@@ -125,15 +151,30 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.writer.run)
             await nursery.start(self.executor.run)
-            runs, next_id = await trio.to_thread.run_sync(self.journal.load_active)
+            found = await trio.to_thread.run_sync(self.journal.load_active)
+            runs, next_id = found.runs, found.next_id
             recovered = sum(r.state is State.RUNNING for r in runs)
+            faults.crash_point("recovery-loaded")
             # Journaled pids name processes only within the boot they ran in:
             # the boot of the last start (recorded once its recovery committed).
             boot = executor_mod.boot_id()
             previous = await trio.to_thread.run_sync(self.journal.meta, "boot_id")
             self._same_boot = boot is not None and boot == previous
-            self.writer.add(self.scheduler.handle(Recover(tuple(runs), next_id), time.time()))
+            # Interrupted commands are fenced: their leftovers are killed and
+            # waited for before anything lets them run again.
+            effects = self.scheduler.handle(Recover(tuple(runs), next_id), time.time())
+            leftovers = [e for e in effects if isinstance(e, KillLeftovers)]
+            self.writer.add(effects)
+            for why, ids in _grouped(found.unreadable).items():
+                log.error("run(s) %s: %s; failing them", ", ".join(map(str, ids)), why)
+                self._quarantine(ids, why)
             await self.writer.flush()
+            if leftovers:
+                # Before serving, so that a restart shows the runs settled; what
+                # survives SIGKILL for long is left to a background task.
+                if alive := await self._reap(leftovers):
+                    nursery.start_soon(self._reap_until_gone, alive)
+                await self.writer.flush()
             if boot is not None and boot != previous:
                 await trio.to_thread.run_sync(self.journal.set_meta, "boot_id", boot)
             if recovered:
@@ -146,9 +187,10 @@ class Daemon:
                 _notify_ready()
                 task_status.started()
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("received %s: shutting down", signal.Signals(signum).name)
-                        break
+                    async with trio.open_nursery() as waiting:
+                        waiting.start_soon(self._first_signal, signals)
+                        await self._stop_requested.wait()
+                        waiting.cancel_scope.cancel()
                     async with trio.open_nursery() as stopping:
                         stopping.start_soon(self._hurry_on_second_signal, signals)
                         await self._shutdown()
@@ -167,8 +209,24 @@ class Daemon:
                     " the next start",
                     self.writer.last_error,
                 )
-                self.exit_code = 1
+                self.exit_code = self.exit_code or 1
             nursery.cancel_scope.cancel()
+
+    async def _first_signal(self, signals: Any) -> None:
+        async for signum in signals:
+            log.info("received %s: shutting down", signal.Signals(signum).name)
+            self._stop_requested.set()
+            return
+
+    def fatal(self, why: str) -> None:
+        """A failure the daemon cannot contain: stop cleanly, exit EX_SOFTWARE.
+
+        The journal holds exactly what was acknowledged; systemd restarts the
+        daemon (Restart=on-failure) and recovery starts from there."""
+        if self.exit_code != EXIT_SOFTWARE:
+            log.critical("stopping: %s; the next start recovers from the journal", why)
+        self.exit_code = EXIT_SOFTWARE
+        self._stop_requested.set()
 
     async def _hurry_on_second_signal(self, signals: Any) -> None:
         async for signum in signals:
@@ -284,30 +342,115 @@ class Daemon:
         if self.stopping and not self._running_count():
             self._quiet.set()
 
-    def _after_commit(self, effects: list[Effect]) -> None:
-        """Carry out the actions of a committed batch, then wake whoever waits on it."""
-        leftovers = [e for e in effects if type(e) is KillLeftovers]
-        if leftovers:
-            # Before any start in this batch: a leftover must never overlap its retry.
-            killed = executor_mod.kill_leftovers(
-                self.journal.instance, leftovers, same_boot=self._same_boot
-            )
-            if killed:
-                log.warning("killed %d leftover process group(s) of lost attempts", len(killed))
+    def _after_commit(self, batch: Batch) -> None:
+        """Carry out the actions of a committed batch, then wake whoever waits on it.
+
+        Actions of runs the journal refused are not carried out (nothing about
+        them is durable); those runs are quarantined. An action that fails
+        fails its run, never the batch: the rest of the batch goes on."""
+        if faults.CRASH_AT is not None and any(
+            isinstance(e, Ended) and e.result.outcome is Outcome.LOST for e in batch.effects
+        ):
+            faults.crash_point("lost-committed")
+        refused = batch.refused
         waiters = self._waiters
         start = self.executor.start
-        for effect in effects:
-            if type(effect) is Started:
-                if not self._discard_results:
-                    start(effect)
-            elif type(effect) is Ended:
-                if waiters and effect.state is not None and effect.state.terminal:
-                    self._notify(effect.result.run_id)
-            elif type(effect) is StateChanged:
-                if waiters and effect.state.terminal:
-                    self._notify(effect.run_id)
-            elif type(effect) is Kill:
-                self.executor.kill(effect.run_id, effect.attempt)
+        for effect in batch.effects:
+            if refused and effect.run_id in refused:
+                continue
+            try:
+                if type(effect) is Started:
+                    if not self._discard_results:
+                        start(effect)
+                elif type(effect) is Ended:
+                    if waiters and effect.state is not None and effect.state.terminal:
+                        self._notify(effect.run_id)
+                elif type(effect) is StateChanged:
+                    if waiters and effect.state.terminal:
+                        self._notify(effect.run_id)
+                elif type(effect) is Kill:
+                    self.executor.kill(effect.run_id, effect.attempt)
+                elif type(effect) is Quarantined:
+                    self._quarantining.discard(effect.run_id)
+                    if waiters:
+                        self._notify(effect.run_id)
+            except Exception as exc:
+                log.exception("could not carry out %r", effect)
+                self._action_failed(effect, exc)
+        for why, ids in _grouped(refused).items():
+            self._quarantine(ids, f"the journal refused a change to this run ({why})")
+
+    def _action_failed(self, effect: Effect, exc: Exception) -> None:
+        """A bug carrying out a committed effect: fail the run it touched."""
+        if type(effect) is Started:
+            result = Result(
+                effect.run_id,
+                effect.attempt,
+                Outcome.ERROR,
+                time.time(),
+                error=f"internal error starting the attempt: {exc!r} (a bug in jobd)",
+            )
+            self._on_handback([result])
+
+    def _quarantine(self, run_ids: list[int], why: str) -> None:
+        """Fail runs whose changes the journal refused, so memory and journal agree."""
+        again = [r for r in run_ids if r in self._quarantining]
+        if again:
+            # Even closing them as failed was refused: nothing sane is left to try.
+            self.fatal(f"the journal refuses to fail run(s) {again}: {why}")
+            return
+        in_executor = frozenset(
+            (r, run.attempts)
+            for r in run_ids
+            if (run := self.scheduler.runs.get(r)) is not None
+            and run.state is State.RUNNING
+            and self.executor.holds(r, run.attempts)
+        )
+        reason = f"{why}: failed so that the journal stays true (a bug in jobd; see the daemon log)"
+        effects = self.scheduler.handle(
+            Quarantine(tuple(run_ids), reason, in_executor), time.time()
+        )
+        self._quarantining.update(run_ids)
+        self.writer.add(effects)
+
+    async def _reap(self, leftovers: list[KillLeftovers]) -> list[KillLeftovers]:
+        """Kill what is left of lost attempts and wait until it is gone (up to
+        REAP_SECONDS); the runs of those seen gone go on. Returns the rest.
+
+        ``KillLeftovers`` comes only from recovery; ``_serve`` carries it out
+        once the recovery batch has committed."""
+        gone, alive = await trio.to_thread.run_sync(
+            functools.partial(
+                executor_mod.reap_leftovers,
+                self.journal.instance,
+                leftovers,
+                same_boot=self._same_boot,
+                timeout=REAP_SECONDS,
+            ),
+            abandon_on_cancel=True,
+        )
+        if gone:
+            faults.crash_point("leftovers-gone")
+            keys = tuple((k.run_id, k.attempt) for k in gone)
+            self.writer.add(self.scheduler.handle(LeftoversGone(keys), time.time()))
+            log.warning("leftovers of %d lost attempt(s) are gone", len(gone))
+        return alive
+
+    async def _reap_until_gone(self, leftovers: list[KillLeftovers]) -> None:
+        """Leftovers that survive SIGKILL (a process stuck in the kernel): try again
+        with backoff. Their runs stay fenced, never running beside them."""
+        delay = 1.0
+        while leftovers:
+            log.error(
+                "leftover processes of %d lost attempt(s) survive SIGKILL (runs %s);"
+                " their runs wait; trying again in %.0fs",
+                len(leftovers),
+                ", ".join(str(k.run_id) for k in leftovers),
+                delay,
+            )
+            await trio.sleep(delay)
+            delay = min(delay * 2, REAP_RETRY_MAX)
+            leftovers = await self._reap(leftovers)
 
     def _notify(self, run_id: int) -> None:
         for waiter in self._waiters.pop(run_id, ()):
@@ -327,13 +470,28 @@ class Daemon:
                 hint=self.writer.last_hint or "see the daemon log",
             )
 
-    async def _journaled(self, batch: Batch, what: str) -> None:
+    async def _journaled(self, batch: Batch, what: str, runs: tuple[int, ...] = ()) -> None:
         """Wait until ``batch`` is committed; if its commit fails first, say so.
 
-        The batch is kept and retried: it is neither acknowledged nor
-        forgotten. The requester learns that at once instead of hanging
-        until the disk has room again."""
+        A batch that failed for now is kept and retried: it is neither
+        acknowledged nor forgotten. The requester learns that at once instead
+        of hanging until the disk has room again. If the journal refused one
+        of ``runs`` (this request's), the request failed: say which and why."""
         await batch.settled.wait()
+        if batch.failure is not None:
+            raise ProtocolError(
+                ErrorCode.UNAVAILABLE,
+                f"the journal cannot commit ({batch.failure}): {what} is not acknowledged;"
+                " the daemon is stopping",
+                hint="retry once it is back (check with `jobctl show` first)",
+            )
+        if batch.refused and (refused := [r for r in runs if r in batch.refused]):
+            raise ProtocolError(
+                ErrorCode.INTERNAL,
+                f"the journal refused {what} ({batch.refused[refused[0]]}): nothing of it"
+                " was recorded",
+                hint="this is a bug in jobd; the daemon log has the details",
+            )
         if not batch.committed.is_set():
             raise ProtocolError(
                 ErrorCode.UNAVAILABLE,
@@ -355,9 +513,11 @@ class Daemon:
         ids = [e.run_id for e in effects[: len(runs)] if isinstance(e, Created)]
         assert len(ids) == len(runs)  # the Created effects come first, in order
         detail = {"runs": len(ids), "first": ids[0], "last": ids[-1]}
-        batch = self.writer.add(effects, AuditEntry(now, uid, pid, "submit", detail))
+        unit = tuple(ids)
+        batch = self.writer.add(effects, AuditEntry(now, uid, pid, "submit", detail), unit)
         first, last = ids[0], ids[-1]
-        await self._journaled(batch, f"run {first}" if first == last else f"runs {first}-{last}")
+        what = f"run {first}" if first == last else f"runs {first}-{last}"
+        await self._journaled(batch, what, unit)
         return ids
 
     async def cancel(
@@ -378,7 +538,8 @@ class Daemon:
         # so that nothing can separate memory from the journal.
         done = [i for i, r in results.items() if r in ("cancelled", "cancelling")]
         audit = AuditEntry(time.time(), uid, pid, "cancel", {"runs": done}) if done else None
-        await self._journaled(self.writer.add(effects, audit), "the cancel")
+        unit = tuple(done)
+        await self._journaled(self.writer.add(effects, audit, unit), "the cancel", unit)
         # Runs the core no longer knows ended (or never existed). Every commit
         # before this one is in the journal now, including the end of a run
         # that finished just before the cancel.
@@ -511,10 +672,19 @@ class Daemon:
                 "effects": w.effects,
                 "largest_batch": w.largest_batch,
                 "failed_commits": w.failed_commits,
+                "refused_runs": w.refused_runs,
                 "checkpoints": w.checkpoints,
                 "wal_pages": self.journal.wal_pages,
             },
         }
+
+
+def _grouped(reasons: dict[int, str]) -> dict[str, list[int]]:
+    """run id -> why, as why -> run ids."""
+    out: dict[str, list[int]] = {}
+    for run_id, why in reasons.items():
+        out.setdefault(why, []).append(run_id)
+    return out
 
 
 def _read_chunk(path: Path, offset: int) -> bytes:

@@ -4,9 +4,15 @@
 
     JobdError                    base; carries ``hint``
     ├── ConfigError              invalid configuration (file, key, what was expected)
-    ├── JournalError             the journal cannot be opened, read or committed
+    ├── JournalError             the journal cannot be opened, read or committed; a
+    │   │                        commit failing with it is transient (disk full, I/O):
+    │   │                        retried with the same batch
     │   ├── JournalLockedError   another daemon holds the state directory (names its pid)
-    │   └── JournalVersionError  the journal was written by a newer jobd
+    │   ├── JournalVersionError  the journal was written by a newer jobd
+    │   ├── JournalDataError     the journal refused a batch because of what it held (a
+    │   │                        value it cannot store, a constraint a bug broke): never
+    │   │                        retried as is; the guilty runs are isolated
+    │   └── JournalDamagedError  the file is not a usable database (corrupt): stop
     ├── ProtocolError            a message broke the wire protocol; carries a stable ``code``
     │   └── RequestError         a well-formed request that cannot be served (not_found, …)
     └── ClientError              raised by jobd.client
@@ -54,6 +60,14 @@ class JournalLockedError(JournalError):
 
 class JournalVersionError(JournalError):
     """The journal's schema is newer than this jobd understands."""
+
+
+class JournalDataError(JournalError):
+    """A batch was refused for its data, not for the disk: retrying it cannot help."""
+
+
+class JournalDamagedError(JournalError):
+    """The journal file is damaged; nothing more can be committed to it."""
 
 
 class ProtocolError(JobdError):

@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from jobd import context
+from jobd import context, faults
 from jobd.config import PoolConfig
 from jobd.core.effects import KillLeftovers, Started
 from jobd.core.model import Kind, Outcome, Result
@@ -102,6 +102,7 @@ class Executor:
         self.closing = False
         self._base_env = dict(os.environ)
         self._base_env.pop("JOBD_SOCKET", None)
+        self._base_env.pop("JOBD_CRASH_AT", None)  # the daemon's test hook, not the jobs'
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the worker threads and the kill-escalation tasks until cancelled."""
@@ -202,6 +203,11 @@ class Executor:
         for pgid in groups:
             _signal_group(pgid, sig)
         return sorted(groups)
+
+    def holds(self, run_id: int, attempt: int) -> bool:
+        """Whether this attempt was handed over and its result not handed back yet."""
+        with self._lock:
+            return (run_id, attempt) in self._pending
 
     @property
     def running_processes(self) -> int:
@@ -448,10 +454,17 @@ def boot_id() -> str | None:
         return None
 
 
-def kill_leftovers(
-    instance: str, attempts: Iterable[KillLeftovers], *, same_boot: bool
-) -> list[int]:
-    """SIGKILL every process group left over from lost attempts; return the pgids killed.
+def reap_leftovers(
+    instance: str,
+    attempts: Iterable[KillLeftovers],
+    *,
+    same_boot: bool,
+    timeout: float,
+    poll: float = 0.01,
+) -> tuple[list[KillLeftovers], list[KillLeftovers]]:
+    """SIGKILL every process group left over from lost attempts and wait until
+    they are gone; return (attempts whose leftovers are gone, those still alive
+    after ``timeout`` seconds). Blocking: run it in a thread.
 
     A process belongs to a lost attempt if
 
@@ -463,56 +476,95 @@ def kill_leftovers(
       boot the attempts ran in (``same_boot``). This finds a job that cleared
       or replaced its environment (``env -i``, ``su -``), and never a later
       process that reused the pid (after a reboot, in a new pid namespace, or
-      after the pids wrapped around).
+      after the pids wrapped around); or
+    - it is in the process group of one found so far.
 
-    The whole process group of every such process is killed, never the
-    daemon's own.
+    SIGKILL takes effect asynchronously (a process in uninterruptible sleep
+    dies when it wakes), so "gone" means seen gone: every such process has
+    left ``/proc`` or is a zombie. The daemon's own group is never signalled.
     """
-    attempts = list(attempts)
-    if not attempts:
-        return []
-    wanted = {(b"JOBD_RUN_ID=%d" % a.run_id, b"JOBD_ATTEMPT=%d" % a.attempt) for a in attempts}
+    pending = list(attempts)
+    if not pending:
+        return [], []
+    deadline = time.monotonic() + timeout
+    groups: dict[tuple[int, int], set[int]] = {}  # attempt -> process groups found
+    signalled = False
+    while True:
+        live = _find_leftovers(instance, pending, groups, same_boot=same_boot)
+        if not live:
+            return pending, []
+        for pgid in {g for found in live.values() for g in found}:
+            _signal_group(pgid, signal.SIGKILL)
+        if not signalled:
+            signalled = True
+            faults.crash_point("leftovers-signalled")
+        if time.monotonic() >= deadline:
+            return [a for a in pending if (a.run_id, a.attempt) not in live], [
+                a for a in pending if (a.run_id, a.attempt) in live
+            ]
+        time.sleep(poll)
+
+
+def _find_leftovers(
+    instance: str,
+    attempts: list[KillLeftovers],
+    groups: dict[tuple[int, int], set[int]],
+    *,
+    same_boot: bool,
+) -> dict[tuple[int, int], set[int]]:
+    """One scan of /proc: attempt -> the process groups of its live (not zombie)
+    leftovers. ``groups`` accumulates every group ever found, so that members
+    that kept no marks are still found once their leader is gone."""
+    marks = {
+        (b"JOBD_RUN_ID=%d" % a.run_id, b"JOBD_ATTEMPT=%d" % a.attempt): (a.run_id, a.attempt)
+        for a in attempts
+    }
     leaders = {
-        (a.pid, a.pid_started)
+        (a.pid, a.pid_started): (a.run_id, a.attempt)
         for a in attempts
         if same_boot and a.pid and a.pid_started is not None
     }
+    known = {g: key for key, found in groups.items() for g in found}
     marker = f"JOBD_INSTANCE={instance}".encode()
     own = {os.getpid(), os.getpgrp()}
-    groups: set[int] = set()
+    live: dict[tuple[int, int], set[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) in own:
             continue
         pid = int(entry.name)
         try:
-            pgid, ticks = _group_and_ticks(pid)
-            if pgid in own:
-                continue
-            if pgid == pid and (pid, ticks) in leaders:
-                groups.add(pgid)
-                continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                environ = set(f.read().split(b"\0"))
-            if marker in environ and any(r in environ and t in environ for r, t in wanted):
-                groups.add(pgid)
+            pgid, ticks, state = _stat(pid)
+            if pgid in own or state == b"Z":
+                continue  # ours, or dead already (a zombie runs nothing)
+            key = known.get(pgid)
+            if key is None and pgid == pid:
+                key = leaders.get((pid, ticks))
+            if key is None:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    environ = set(f.read().split(b"\0"))
+                if marker in environ:
+                    key = next(
+                        (k for (r, t), k in marks.items() if r in environ and t in environ), None
+                    )
         except (OSError, ValueError, IndexError):
-            continue
-    for pgid in groups:
-        _signal_group(pgid, signal.SIGKILL)
-    return sorted(groups)
+            continue  # gone meanwhile
+        if key is not None:
+            groups.setdefault(key, set()).add(pgid)
+            live.setdefault(key, set()).add(pgid)
+    return live
 
 
-def _group_and_ticks(pid: int) -> tuple[int, int]:
-    """A process's group id and start time (clock ticks after boot), from /proc/PID/stat."""
+def _stat(pid: int) -> tuple[int, int, bytes]:
+    """A process's group id, start time (clock ticks after boot) and state letter."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name (field 2) may hold spaces and parentheses: split after it.
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[2]), int(fields[19])  # fields 5 (pgrp) and 22 (starttime)
+    return int(fields[2]), int(fields[19]), fields[0]  # fields 5, 22 and 3
 
 
 def _start_ticks(pid: int) -> int | None:
     try:
-        return _group_and_ticks(pid)[1]
+        return _stat(pid)[1]
     except (OSError, ValueError, IndexError):
         return None  # already gone: nothing to find later either

@@ -6,6 +6,24 @@ they were emitted; consecutive effects of the same type go in one
 The group commit writer that drives it (one task, batches, retries) is
 ``jobd.groupcommit``.
 
+Failures are classified where apsw's exceptions are translated:
+
+- *transient* (``JournalError``): the disk or the environment (full, I/O
+  error, locked, read-only, out of memory). Retrying the same batch can
+  succeed once the operator has made room.
+- *data* (``JournalDataError``): the batch held something the journal
+  refuses (a value it cannot store, a constraint violated by a bug). Retrying
+  it as is can never succeed, and one request's bad value must not hold up
+  everyone else's: ``write_isolating`` writes the batch again with a
+  savepoint per group of runs, commits the innocent ones and reports the
+  guilty runs, which the daemon then quarantines.
+- *damaged* (``JournalDamagedError``): the file is not a usable database.
+
+Reads never fail for every caller because of one row: JSON columns are
+scrubbed of lone surrogates (escaped ``\ud800`` in specs and tags, which
+an earlier version let through), and text that is not UTF-8 is read with
+replacement characters.
+
 Checkpoints
 -----------
 SQLite's automatic checkpoint runs inside the commit that crosses its
@@ -34,12 +52,13 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, get_args
 
 import apsw
 
@@ -48,13 +67,22 @@ from jobd.core.effects import (
     Created,
     Effect,
     Ended,
+    Kill,
+    KillLeftovers,
     PidRecorded,
+    Quarantined,
     Started,
     StateChanged,
     Withdrawn,
 )
-from jobd.core.model import ACTIVE, Run, Spec, State
-from jobd.errors import JournalError, JournalLockedError, JournalVersionError
+from jobd.core.model import ACTIVE, TERMINAL, Run, Spec, State
+from jobd.errors import (
+    JournalDamagedError,
+    JournalDataError,
+    JournalError,
+    JournalLockedError,
+    JournalVersionError,
+)
 
 log = logging.getLogger("jobd.journal")
 P = ParamSpec("P")
@@ -63,6 +91,29 @@ R = TypeVar("R")
 SYNCHRONOUS = ("full", "normal")
 CHECKPOINT_PAGES = 1000  # WAL pages (of 4 KiB) added before a background checkpoint starts
 CHECKPOINT_PAGES_MAX = 16_000  # WAL pages (~64 MiB) before the writer checkpoints inline
+REASON_MAX = 1000  # characters of an exception's text kept in a refused run's reason
+
+# apsw errors that say nothing about the batch: the disk, a lock, the machine.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    apsw.BusyError,
+    apsw.LockedError,
+    apsw.FullError,
+    apsw.IOError,
+    apsw.CantOpenError,
+    apsw.ReadOnlyError,
+    apsw.PermissionsError,
+    apsw.NoMemError,
+    apsw.InterruptError,
+    apsw.ProtocolError,  # SQLite's file locking protocol
+    apsw.NoLFSError,
+    apsw.AbortError,
+)
+# The file itself is not a usable database.
+_DAMAGED: tuple[type[BaseException], ...] = (
+    apsw.CorruptError,
+    apsw.NotADBError,
+    apsw.FormatError,
+)
 
 # Forward migrations; the schema version is len(MIGRATIONS) (PRAGMA user_version).
 MIGRATIONS: list[str] = [
@@ -122,6 +173,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True, slots=True)
+class Recovered:
+    """What ``Journal.load_active`` finds at start-up."""
+
+    runs: list[Run]
+    next_id: int
+    unreadable: dict[int, str]  # active runs whose rows cannot be read back: id -> why
+
+
+@dataclass(frozen=True, slots=True)
 class AuditEntry:
     at: float
     uid: int
@@ -138,6 +198,8 @@ def _translate(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
         def inner(*args: P.args, **kwargs: P.kwargs) -> R:
             try:
                 return fn(*args, **kwargs)
+            except _DAMAGED as exc:
+                raise JournalDamagedError(f"{what}: {exc}", hint=_hint_for(exc)) from exc
             except apsw.Error as exc:
                 raise JournalError(f"{what}: {exc}", hint=_hint_for(exc)) from exc
 
@@ -146,7 +208,7 @@ def _translate(what: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     return wrap
 
 
-def _hint_for(exc: apsw.Error) -> str:
+def _hint_for(exc: BaseException) -> str:
     if isinstance(exc, apsw.FullError):
         return "the disk holding the journal is full: free space; jobd retries by itself"
     if isinstance(exc, apsw.ReadOnlyError | apsw.CantOpenError | apsw.PermissionsError):
@@ -286,28 +348,82 @@ class Journal:
     # -- writes (writer thread only) -------------------------------------
 
     def write(self, effects: Sequence[Effect], audit: Sequence[AuditEntry] = ()) -> None:
-        """Write effects and audit entries in one transaction. Raises JournalError."""
+        """Write effects and audit entries in one transaction.
+
+        Raises JournalError (transient: retry), JournalDataError (the batch's
+        data: retrying cannot help) or JournalDamagedError."""
+        self._checkpoint_if_due()
         db = self._db
-        if self.wal_pages >= self.checkpoint_pages_max:
-            try:
-                db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
-            except apsw.BusyError:
-                pass  # a background checkpoint is finishing; the next commit tries again
-            except apsw.Error as exc:
-                # It must not fail a commit that could succeed; but the WAL
-                # grows while it fails, so say so.
-                log.warning("checkpoint failed (the WAL keeps growing): %s", exc)
         try:
             with db:
-                for kind, group in groupby(effects, type):
-                    _writer_for(kind)(db, list(group))
+                _write_effects(db, effects)
                 if audit:
-                    db.executemany(
-                        "INSERT INTO audit (at, uid, pid, action, detail) VALUES (?,?,?,?,?)",
-                        [(a.at, a.uid, a.pid, a.action, json.dumps(a.detail)) for a in audit],
-                    )
+                    _write_audit(db, audit)
+        except Exception as exc:
+            raise _classified(exc) from exc
+
+    def write_isolating(
+        self,
+        effects: Sequence[Effect],
+        audit: Sequence[AuditEntry] = (),
+        *,
+        units: Sequence[Sequence[int]] = (),
+        audit_units: Sequence[Sequence[int]] = (),
+    ) -> dict[int, str]:
+        """Write a batch; if the journal refuses it for its data, write it again
+        with a savepoint per *unit* and leave out the units it refuses.
+
+        Returns the refused runs (run id → why), normally none. ``units`` are
+        groups of runs that commit or fail together (the runs one request
+        created); a run in no unit is a unit of its own, and overlapping units
+        merge. ``audit_units[i]`` names the runs of ``audit[i]``: an audit
+        entry of a refused unit is left out with it. Raises JournalError
+        (transient) or JournalDamagedError like ``write``."""
+        try:
+            self.write(effects, audit)
+        except JournalDataError as exc:
+            log.error("the journal refused a batch (%s); isolating the runs it refuses", exc)
+        else:
+            return {}
+        db = self._db
+        refused: dict[int, str] = {}
+        try:
+            with db:
+                for runs, group in _by_unit(effects, units):
+                    try:
+                        with db:  # a savepoint: a refused unit leaves nothing behind
+                            _write_effects(db, group)
+                    except _TRANSIENT + _DAMAGED:
+                        raise
+                    except Exception as exc:
+                        reason = _reason(exc)
+                        log.error("the journal refused run(s) %s: %s", _ids(runs), reason)
+                        refused.update(dict.fromkeys(runs, reason))
+                for entry, its_runs in zip(audit, audit_units or [()] * len(audit), strict=True):
+                    if any(r in refused for r in its_runs):
+                        continue  # its request failed: nothing it did was written
+                    try:
+                        with db:
+                            _write_audit(db, [entry])
+                    except _TRANSIENT + _DAMAGED:
+                        raise
+                    except Exception as exc:
+                        log.error("the journal refused an audit entry %r: %s", entry, _reason(exc))
+        except Exception as exc:
+            raise _classified(exc) from exc
+        return refused
+
+    def _checkpoint_if_due(self) -> None:
+        if self.wal_pages < self.checkpoint_pages_max:
+            return
+        try:
+            self._db.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
+        except apsw.BusyError:
+            pass  # a background checkpoint is finishing; the next commit tries again
         except apsw.Error as exc:
-            raise JournalError(f"journal commit failed: {exc}", hint=_hint_for(exc)) from exc
+            # It must not fail a commit that could succeed; but the WAL
+            # grows while it fails, so say so.
+            log.warning("checkpoint failed (the WAL keeps growing): %s", exc)
 
     @_translate("checkpoint failed")
     def checkpoint(self) -> tuple[int, int] | None:
@@ -356,41 +472,47 @@ class Journal:
         return len(self._readers)
 
     @_translate("cannot read the journal")
-    def load_active(self) -> tuple[list[Run], int]:
-        """Every non-terminal run (for recovery) and the next free run id."""
+    def load_active(self) -> Recovered:
+        """Every non-terminal run (for recovery), the next free run id, and the
+        active runs whose rows cannot be read back (to be quarantined)."""
         db = self._db
         states = tuple(s.value for s in ACTIVE)
         marks = ",".join("?" * len(states))
-        rows = _rows(
-            db.execute(
-                f"SELECT id, spec, pool, priority, name, tags, owner, state, submitted_at,"
-                f" runs.attempts, lost, cancel_requested, a.pid, a.pid_started FROM runs"
-                f" LEFT JOIN attempts a ON a.run_id = runs.id AND a.attempt = runs.attempts"
-                f" WHERE state IN ({marks}) ORDER BY id",
-                states,
-            )
+        columns = (
+            "id, {spec}, {pool}, priority, {name}, {tags}, owner, state, submitted_at,"
+            " runs.attempts, lost, cancel_requested, a.pid, a.pid_started"
         )
-        runs = [
-            Run(
-                id=r[0],
-                spec=Spec.from_json(json.loads(r[1])),
-                pool=r[2],
-                priority=r[3],
-                name=r[4],
-                tags=tuple(json.loads(r[5])) if r[5] else (),
-                owner=r[6],
-                state=State(r[7]),
-                submitted_at=r[8],
-                attempts=r[9],
-                lost=r[10],
-                cancel_requested=bool(r[11]),
-                attempt_pid=r[12],
-                attempt_pid_started=r[13],
-            )
-            for r in rows
-        ]
+        sql = (
+            "SELECT {columns} FROM runs LEFT JOIN attempts a ON a.run_id = runs.id"
+            f" AND a.attempt = runs.attempts WHERE state IN ({marks}) ORDER BY id"
+        )
+        rows = _fetch_text_safely(db, sql, columns, ("spec", "pool", "name", "tags"), states)
+        runs: list[Run] = []
+        unreadable: dict[int, str] = {}
+        for r in rows:
+            try:
+                runs.append(
+                    Run(
+                        id=r[0],
+                        spec=Spec.from_json(_load_json(r[1])),
+                        pool=r[2],
+                        priority=r[3],
+                        name=r[4],
+                        tags=tuple(_load_json(r[5])) if r[5] else (),
+                        owner=r[6],
+                        state=State(r[7]),
+                        submitted_at=r[8],
+                        attempts=r[9],
+                        lost=r[10],
+                        cancel_requested=bool(r[11]),
+                        attempt_pid=r[12],
+                        attempt_pid_started=r[13],
+                    )
+                )
+            except Exception as exc:  # one bad row must not stop recovery
+                unreadable[r[0]] = f"its journal row cannot be read back: {_reason(exc)}"
         seq = _rows(db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'runs'"))
-        return runs, (int(seq[0][0]) + 1 if seq else 1)
+        return Recovered(runs, int(seq[0][0]) + 1 if seq else 1, unreadable)
 
     @_translate("cannot read the journal")
     def get_run(self, run_id: int) -> dict[str, Any] | None:
@@ -427,13 +549,14 @@ class Journal:
             if value is not None:
                 where.append(condition)
                 args.append(value)
-        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        sql = "SELECT {columns} FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         args.append(limit)
         with self._reading() as db:
-            return [_run_json(r) for r in db.execute(sql, args)]
+            rows = _fetch_text_safely(db, sql, _RUN_COLUMNS, _RUN_TEXT, args)
+        return [_run_json(r) for r in rows]
 
     @_translate("cannot read the journal")
     def run_summaries(self, run_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
@@ -442,12 +565,12 @@ class Journal:
         One statement for the whole list (a wait on 10,000 runs is one query,
         not 10,000)."""
         with self._reading() as db:
-            rows = _rows(
-                db.execute(
-                    "SELECT id, state, exit_code, owner, attempts, reason FROM runs"
-                    " WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(list(run_ids)),),
-                )
+            rows = _fetch_text_safely(
+                db,
+                "SELECT {columns} FROM runs WHERE id IN (SELECT value FROM json_each(?))",
+                "id, state, exit_code, owner, attempts, {reason}",
+                ("reason",),
+                (json.dumps(list(run_ids)),),
             )
         return {
             row[0]: {
@@ -505,7 +628,9 @@ class Journal:
 
 
 def _run_with_attempts(db: apsw.Connection, run_id: int) -> dict[str, Any] | None:
-    rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchall()
+    rows = _fetch_text_safely(
+        db, "SELECT {columns} FROM runs WHERE id = ?", _RUN_COLUMNS, _RUN_TEXT, (run_id,)
+    )
     if not rows:
         return None
     run = _run_json(rows[0])
@@ -520,9 +645,11 @@ def _run_with_attempts(db: apsw.Connection, run_id: int) -> dict[str, Any] | Non
             "output": a[6],
             "pid": a[7],
         }
-        for a in db.execute(
-            "SELECT attempt, started_at, ended_at, outcome, exit_code, error, output, pid"
-            " FROM attempts WHERE run_id = ? ORDER BY attempt",
+        for a in _fetch_text_safely(
+            db,
+            "SELECT {columns} FROM attempts WHERE run_id = ? ORDER BY attempt",
+            "attempt, started_at, ended_at, {outcome}, exit_code, {error}, {output}, pid",
+            ("outcome", "error", "output"),
             (run_id,),
         )
     ]
@@ -534,14 +661,37 @@ def _rows(cursor: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return list(cursor)
 
 
+def _fetch_text_safely(
+    db: apsw.Connection, sql: str, columns: str, text: Sequence[str], args: Any
+) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (whose ``{columns}`` is ``columns``, whose ``{name}``
+    placeholders are the ``text`` columns).
+
+    apsw decodes TEXT strictly: one value that is not UTF-8 (written by another
+    tool, or by a bug) would fail the query for every caller. Then the query
+    runs again with those columns read as bytes, decoded with replacement."""
+    plain = sql.format(columns=columns.format(**{c: c for c in text}))
+    try:
+        return _rows(db.execute(plain, args))
+    except UnicodeDecodeError:
+        pass
+    raw = sql.format(columns=columns.format(**{c: f"CAST({c} AS BLOB)" for c in text}))
+    return [
+        tuple(v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in row)
+        for row in db.execute(raw, args)
+    ]
+
+
 _RUN_COLUMNS = (
-    "id, name, pool, priority, state, kind, spec, tags, owner, submitted_at, updated_at,"
-    " attempts, lost, exit_code, reason"
+    "id, {name}, {pool}, priority, {state}, {kind}, {spec}, {tags}, owner, submitted_at,"
+    " updated_at, attempts, lost, exit_code, {reason}"
 )
+_RUN_TEXT = ("name", "pool", "state", "kind", "spec", "tags", "reason")
 
 
 def _run_json(r: Sequence[Any]) -> dict[str, Any]:
-    spec = json.loads(r[6])
+    """A run row as the protocol's run object. A row that cannot be read back
+    (JSON a bug damaged) still appears, with what can be read and a reason."""
     out: dict[str, Any] = {
         "id": r[0],
         "name": r[1],
@@ -549,7 +699,7 @@ def _run_json(r: Sequence[Any]) -> dict[str, Any]:
         "priority": r[3],
         "state": r[4],
         "kind": r[5],
-        "tags": json.loads(r[7]) if r[7] else [],
+        "tags": [],
         "owner": r[8],
         "submitted_at": r[9],
         "updated_at": r[10],
@@ -558,9 +708,38 @@ def _run_json(r: Sequence[Any]) -> dict[str, Any]:
         "exit_code": r[13],
         "reason": r[14],
     }
-    spec.pop("kind", None)
+    try:
+        spec = _load_json(r[6])
+        spec.pop("kind", None)
+        tags = _load_json(r[7]) if r[7] else []
+    except Exception as exc:  # one bad row must not fail a whole list
+        out["reason"] = f"this run's journal row cannot be read back: {_reason(exc)}"
+        return out
+    out["tags"] = tags
     out.update(spec)
     return out
+
+
+# A JSON escape of a UTF-16 surrogate (\ud800): an earlier version stored such
+# text in specs and tags. Valid pairs decode to text; lone ones are replaced.
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _load_json(text: str) -> Any:
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE_RE.search(text):
+        value = _scrubbed(value)
+    return value
+
+
+def _scrubbed(value: Any) -> Any:
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(k): _scrubbed(v) for k, v in value.items()}
+    return value
 
 
 # -- effect writers: one executemany per run of same-type effects ----------
@@ -669,10 +848,30 @@ def _write_pid(db: apsw.Connection, effects: list[PidRecorded]) -> None:
     )
 
 
+def _write_quarantined(db: apsw.Connection, effects: list[Quarantined]) -> None:
+    # Whatever the journal holds of the run: an open attempt is closed, an active
+    # run failed (a run whose insert was refused is not there: nothing to do).
+    db.executemany(
+        "UPDATE attempts SET ended_at = ?, outcome = 'error', error = ?"
+        " WHERE run_id = ? AND ended_at IS NULL",
+        [(e.at, e.reason, e.run_id) for e in effects],
+    )
+    db.executemany(
+        f"UPDATE runs SET state = 'failed', reason = ?, updated_at = ?"
+        f" WHERE id = ? AND state NOT IN ({_TERMINAL_SQL})",
+        [(e.reason, e.at, e.run_id) for e in effects],
+    )
+
+
+_TERMINAL_SQL = ",".join(f"'{state.value}'" for state in sorted(TERMINAL))
+
+
 def _write_nothing(db: apsw.Connection, effects: list[Any]) -> None:
     """Action-only effects (Kill, KillLeftovers) have no journal row."""
 
 
+# Every effect type has its writer, action-only ones included (explicitly a
+# no-op): a new effect can never fall through to "not journaled" unnoticed.
 _WRITERS: dict[type, Callable[[apsw.Connection, list[Any]], None]] = {
     Created: _write_created,
     Started: _write_started,
@@ -681,11 +880,111 @@ _WRITERS: dict[type, Callable[[apsw.Connection, list[Any]], None]] = {
     Withdrawn: _write_withdrawn,
     CancelRequested: _write_cancel_requested,
     PidRecorded: _write_pid,
+    Quarantined: _write_quarantined,
+    Kill: _write_nothing,
+    KillLeftovers: _write_nothing,
 }
 
 
-def _writer_for(kind: type) -> Callable[[apsw.Connection, list[Any]], None]:
-    return _WRITERS.get(kind, _write_nothing)
+def check_writers(writers: Mapping[type, object], effect_types: Iterable[type]) -> None:
+    """Raise TypeError unless ``writers`` covers exactly ``effect_types``."""
+    missing = set(effect_types) - set(writers)
+    extra = set(writers) - set(effect_types)
+    if missing or extra:
+        names = ", ".join(sorted(t.__name__ for t in missing | extra))
+        raise TypeError(
+            f"journal writers out of step with jobd.core.effects.Effect ({names}): every"
+            " effect type needs an entry in journal._WRITERS (_write_nothing for actions)"
+        )
+
+
+check_writers(_WRITERS, get_args(Effect))  # at import: jobd does not start without it
+
+
+def _write_effects(db: apsw.Connection, effects: Sequence[Effect]) -> None:
+    """In emission order; consecutive effects of one type in one executemany."""
+    for kind, group in groupby(effects, type):
+        _WRITERS[kind](db, list(group))
+
+
+def _write_audit(db: apsw.Connection, audit: Sequence[AuditEntry]) -> None:
+    db.executemany(
+        "INSERT INTO audit (at, uid, pid, action, detail) VALUES (?,?,?,?,?)",
+        [(a.at, a.uid, a.pid, a.action, json.dumps(a.detail)) for a in audit],
+    )
+
+
+def _by_unit(
+    effects: Sequence[Effect], units: Sequence[Sequence[int]]
+) -> list[tuple[list[int], list[Effect]]]:
+    """Effects grouped by unit (runs that commit or fail together), each group
+    in emission order. Effects of different runs touch different rows, so the
+    groups can be written in any order."""
+    parent: dict[int, int] = {}
+
+    def root(run_id: int) -> int:
+        while (up := parent.setdefault(run_id, run_id)) != run_id:
+            run_id = up
+        return run_id
+
+    for unit in units:
+        for other in unit[1:]:
+            a, b = root(other), root(unit[0])
+            if a != b:
+                parent[a] = b
+    groups: dict[int, tuple[list[int], list[Effect]]] = {}
+    for effect in effects:
+        run_id = effect.run_id
+        runs, group = groups.setdefault(root(run_id), ([], []))
+        if run_id not in runs:
+            runs.append(run_id)
+        group.append(effect)
+    for unit in units:  # a unit's runs all fail with it, even those without effects
+        if unit and (found := groups.get(root(unit[0]))) is not None:
+            found[0].extend(r for r in unit if r not in found[0])
+    return list(groups.values())
+
+
+def _classified(exc: Exception) -> JournalError:
+    """The JournalError that says what kind of failure ``exc`` is."""
+    if isinstance(exc, JournalError):
+        return exc
+    if isinstance(exc, _TRANSIENT):
+        return JournalError(f"journal commit failed: {exc}", hint=_hint_for(exc))
+    if isinstance(exc, _DAMAGED):
+        return JournalDamagedError(f"journal commit failed: {exc}", hint=_hint_for(exc))
+    # Any other apsw error (a constraint, a value SQLite refuses) and any Python
+    # error while binding values (text that is not Unicode, an integer out of
+    # range): the batch's data, or a bug that produced it.
+    return JournalDataError(
+        f"the journal refused the batch: {_reason(exc)}",
+        hint="this is a bug in jobd (the request's data should have been refused"
+        " before it reached the journal); the daemon log names the runs",
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as text that can itself be journaled (it may quote bad data)."""
+    return clean_text(f"{type(exc).__name__}: {exc}", REASON_MAX)
+
+
+def clean_text(text: str, limit: int | None = None) -> str:
+    """``text`` as valid Unicode (lone surrogates replaced), at most ``limit`` characters."""
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = _LONE_SURROGATE_RE.sub("\ufffd", text)
+    return text
+
+
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+def _ids(runs: Sequence[int]) -> str:
+    shown = ", ".join(map(str, runs[:10]))
+    return shown + (f" and {len(runs) - 10} more" if len(runs) > 10 else "")
 
 
 @contextlib.contextmanager

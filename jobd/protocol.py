@@ -158,9 +158,10 @@ class Request:
     params: dict[str, Any]
 
 
-# A JSON string escape of a UTF-16 surrogate: the only way to smuggle text into a
-# request that cannot be encoded back to UTF-8 (in replies, argv, the journal).
-_SURROGATE_ESCAPE_RE = re.compile(rb"\\u[dD][89a-fA-F]")
+# A JSON string escape of a UTF-16 surrogate: after strict UTF-8 decoding, the
+# only way left to smuggle text into a request that cannot be encoded back to
+# UTF-8 (in replies, argv, the journal). A valid pair (\ud83d\ude00) is text.
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _finite_float(text: str) -> float:
@@ -186,16 +187,37 @@ def _unencodable(message: Any) -> str | None:
     return None
 
 
-def parse_request(line: bytes) -> Request:
-    """Decode one request line or raise ProtocolError (``invalid_json``/``invalid_request``)."""
+def decode_line(line: bytes) -> Any:
+    """One line of JSON, checked where it enters: strict UTF-8 (no surrogates
+    encoded as bytes, no overlong forms), strict JSON, and no lone surrogate
+    escapes. Every string that comes out can be encoded again, into a reply,
+    an argv or the journal. Raises ProtocolError ``invalid_json``.
+
+    ``json.loads(bytes)`` would decode with ``surrogatepass``: ``ED A0 80``
+    (a UTF-16 surrogate written as UTF-8 bytes) would become text that no
+    encoder accepts. So the bytes are decoded here, strictly."""
     try:
-        message = json.loads(line, parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError too
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(
+            ErrorCode.INVALID_JSON,
+            f"not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})",
+            hint="send UTF-8 text; lone surrogates are not Unicode in any form",
+        ) from None
+    try:
+        message = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError too
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc}") from None
-    if _SURROGATE_ESCAPE_RE.search(line):  # rare: check the decoded text properly
+    if _SURROGATE_ESCAPE_RE.search(text):  # rare: check the decoded text properly
         problem = _unencodable(message)
         if problem:
-            raise ProtocolError(ErrorCode.INVALID_REQUEST, problem)
+            raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON text: {problem}")
+    return message
+
+
+def parse_request(line: bytes) -> Request:
+    """Decode one request line or raise ProtocolError (``invalid_json``/``invalid_request``)."""
+    message = decode_line(line)
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.INVALID_REQUEST, "a request must be a JSON object")
     request_id = message.get("id")

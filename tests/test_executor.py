@@ -11,7 +11,7 @@ import trio
 from jobd.config import PoolConfig
 from jobd.core.effects import KillLeftovers, Started
 from jobd.core.model import Kind, Outcome, Result, Spec
-from jobd.executor import Executor, Handback, _start_ticks, kill_leftovers
+from jobd.executor import Executor, Handback, _start_ticks, reap_leftovers
 
 
 async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -37,6 +37,12 @@ async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path
         nursery.cancel_scope.cancel()
 
 
+def reap(
+    instance: str, attempts: list[KillLeftovers], *, same_boot: bool
+) -> tuple[list[KillLeftovers], list[KillLeftovers]]:
+    return reap_leftovers(instance, attempts, same_boot=same_boot, timeout=60)
+
+
 def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> None:
     # A process that reused a journaled pid (after a reboot, in a new pid namespace,
     # after the pids wrapped) has another start time: it is left alone.
@@ -45,13 +51,14 @@ def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> Non
         ticks = _start_ticks(proc.pid)
         assert ticks is not None
         stranger = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks - 1)
-        assert kill_leftovers("some-instance", [stranger], same_boot=True) == []
+        assert reap("some-instance", [stranger], same_boot=True) == ([stranger], [])
         ours = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks)
         # Journaled in another boot: pid and ticks may match a stranger by chance.
-        assert kill_leftovers("some-instance", [ours], same_boot=False) == []
+        assert reap("some-instance", [ours], same_boot=False) == ([ours], [])
         assert proc.poll() is None
-        assert kill_leftovers("some-instance", [ours], same_boot=True) == [proc.pid]
-        assert proc.wait(30) == -signal.SIGKILL
+        # Found, killed, and seen gone (a zombie until we reap it: dead) before it returns.
+        assert reap("some-instance", [ours], same_boot=True) == ([ours], [])
+        assert proc.poll() == -signal.SIGKILL
     finally:
         proc.kill()
         proc.wait()

@@ -128,7 +128,9 @@ def test_effects_keep_their_order_within_one_transaction(journal: Journal) -> No
 def test_load_active_rebuilds_runs_and_next_id(journal: Journal) -> None:
     journal.write([created(i) for i in (1, 2, 3)] + [Started(2, 1, 5.0, "default", SPEC)])
     journal.write([StateChanged(3, State.CANCELLED, 6.0, "cancelled")])
-    runs, next_id = journal.load_active()
+    found = journal.load_active()
+    runs, next_id = found.runs, found.next_id
+    assert found.unreadable == {}
     assert [(r.id, r.state, r.attempts) for r in runs] == [
         (1, State.QUEUED, 0),
         (2, State.RUNNING, 1),
@@ -182,7 +184,7 @@ def test_state_dir_lock_names_the_holder(tmp_path: Path) -> None:
 async def test_group_commit_batches_concurrent_adds(tmp_path: Path) -> None:
     journal = Journal(str(tmp_path / "j.db"), "normal")
     committed: list[list[Effect]] = []
-    writer = GroupCommitter(journal, committed.append)
+    writer = GroupCommitter(journal, lambda batch: committed.append(batch.effects))
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         # Many adds before the writer runs: one transaction, one post-commit call.
@@ -218,7 +220,7 @@ async def test_failed_commit_is_retried_and_marks_the_writer_unhealthy(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     journal = FullDiskJournal(str(tmp_path / "j.db"))
-    writer = GroupCommitter(journal, lambda effects: None)
+    writer = GroupCommitter(journal, lambda batch: None)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         batch = writer.add([created(1)])
@@ -270,7 +272,7 @@ def test_writer_checkpoints_inline_when_the_wal_reaches_its_bound(tmp_path: Path
 async def test_group_committer_checkpoints_in_the_background(tmp_path: Path) -> None:
     path = str(tmp_path / "j.db")
     journal = Journal(path, "normal", checkpoint_pages=20, checkpoint_pages_max=10**9)
-    writer = GroupCommitter(journal, lambda effects: None)
+    writer = GroupCommitter(journal, lambda batch: None)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
         for i in range(1, 201):
@@ -356,7 +358,8 @@ def test_a_version_1_journal_is_migrated_keeping_its_rows(tmp_path: Path) -> Non
     journal = Journal(path, "normal")
     assert journal.schema_version == SCHEMA_VERSION == 2
     assert journal.instance == "0123456789abcdef"
-    runs, next_id = journal.load_active()
+    found = journal.load_active()
+    runs, next_id = found.runs, found.next_id
     assert [(r.id, r.name, r.state, r.attempt_pid, r.attempt_pid_started) for r in runs] == [
         (1, "old", State.RUNNING, 4242, None)  # v1 never recorded start times
     ]

@@ -4,9 +4,11 @@ Effects carry immutable values only, because the journal writer serialises
 them in a worker thread while the event loop goes on mutating ``Run`` objects.
 
 Journal effects (``Created``, ``Started``, ``Ended``, ``StateChanged``,
-``CancelRequested``, ``PidRecorded``) are written in one group-committed transaction; action
-effects (``Started`` again, ``Kill``, ``KillLeftovers``) are carried out only
-after the transaction holding the effects emitted with them has committed.
+``Withdrawn``, ``CancelRequested``, ``PidRecorded``, ``Quarantined``) are written
+in one group-committed transaction; action effects (``Started`` again,
+``Kill``, ``KillLeftovers``) are carried out only after the transaction holding
+the effects emitted with them has committed. Every effect names its run
+(``run_id``): the journal isolates a batch it refuses run by run.
 That ordering is the whole durability promise: no run starts, and no client
 hears about a change, before the journal has it.
 """
@@ -51,6 +53,10 @@ class Ended:
     state: State | None  # None: the run stays active (e.g. re-queued after a loss)
     reason: str | None = None
 
+    @property
+    def run_id(self) -> int:
+        return self.result.run_id
+
 
 @dataclass(frozen=True, slots=True)
 class StateChanged:
@@ -93,6 +99,17 @@ class PidRecorded:
 
 
 @dataclass(frozen=True, slots=True)
+class Quarantined:
+    """The journal refused a change to this run (a bug, or a value that slipped
+    past validation): whatever the journal holds of it is closed as failed with
+    ``reason`` (journal: end an open attempt, fail the run if still active)."""
+
+    run_id: int
+    at: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Kill:
     """Stop a running attempt (action): its process group, TERM then KILL."""
 
@@ -122,6 +139,7 @@ Effect = (
     | Withdrawn
     | CancelRequested
     | PidRecorded
+    | Quarantined
     | Kill
     | KillLeftovers
 )

@@ -13,6 +13,19 @@ A pool's ``busy`` count is the number of its slots in use. It is usually the
 number of running runs, except for *held* slots: a cancelled Python callable
 cannot be interrupted, so its run ends at once but its thread keeps the slot
 until the call returns (DESIGN.md, "Timeouts").
+
+Recovery kills before it forgets. A run found running at start-up was
+interrupted; its attempt may have left processes behind. The run is *fenced*:
+it stays running, in no pool's count, while the daemon kills whatever is left
+of the attempt (``KillLeftovers``) and waits until those processes are gone.
+Only ``LeftoversGone`` closes the attempt as lost and lets the run be queued
+again. Until then the journal still says ``running``, so a daemon that dies
+meanwhile finds the same attempt at its next start and kills again: the kill
+is owed until it is known to be done, and a retry never overlaps the attempt.
+
+A run whose change the journal refused (``Quarantine``: a bug, or data that
+slipped past validation) leaves memory and is closed as failed, so that
+memory and journal agree again without stopping the daemon.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ from jobd.core.effects import (
     Kill,
     KillLeftovers,
     PidRecorded,
+    Quarantined,
     Started,
     StateChanged,
     Withdrawn,
@@ -77,13 +91,35 @@ class Recover:
 
 
 @dataclass(frozen=True, slots=True)
+class LeftoversGone:
+    """The processes of these lost attempts (run, attempt) are known dead: killed
+    and waited for. Their runs may go on."""
+
+    attempts: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    """The journal refused changes to these runs: forget them and fail them.
+
+    ``in_executor`` names the attempts an executor holds (they get a ``Kill``,
+    and their slot stays taken until the executor reports them)."""
+
+    run_ids: tuple[int, ...]
+    reason: str
+    in_executor: frozenset[tuple[int, int]] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class Withdraw:
     """Attempts the executors never began (the daemon is stopping): (run, attempt)."""
 
     attempts: tuple[tuple[int, int], ...]
 
 
-Event = Submit | ProcessStarted | Finished | Cancel | Recover | Withdraw
+Event = (
+    Submit | ProcessStarted | Finished | Cancel | Recover | LeftoversGone | Withdraw | Quarantine
+)
 
 
 @dataclass(slots=True)
@@ -122,6 +158,8 @@ class Scheduler:
         self.next_id = 1
         self._held: set[tuple[int, int]] = set()
         self._held_pools: dict[int, str] = {}
+        #: runs whose lost attempt's leftovers are being killed: run id -> attempt
+        self.fenced: dict[int, int] = {}
         self.cancel_results: dict[int, str] = {}
         #: when true, nothing new starts (the daemon is shutting down)
         self.draining = False
@@ -137,15 +175,24 @@ class Scheduler:
                 self._finished(results, effects)
             case ProcessStarted(run_id, attempt, pid, started):
                 run = self.runs.get(run_id)
-                if run is not None and run.state is State.RUNNING and run.attempts == attempt:
+                if (
+                    run is not None
+                    and run.state is State.RUNNING
+                    and run.attempts == attempt
+                    and run_id not in self.fenced
+                ):
                     effects.append(PidRecorded(run_id, attempt, pid, started))
                 return effects
             case Cancel(run_ids):
                 self._cancel(run_ids, now, effects)
             case Recover(runs, next_id):
                 self._recover(runs, next_id, now, effects)
+            case LeftoversGone(attempts):
+                self._leftovers_gone(attempts, now, effects)
             case Withdraw(attempts):
                 self._withdraw(attempts, now, effects)
+            case Quarantine(run_ids, reason, in_executor):
+                self._quarantine(run_ids, reason, in_executor, now, effects)
         self._dispatch(now, effects)
         return effects
 
@@ -192,7 +239,12 @@ class Scheduler:
                 self._pool_of_held(result.run_id).held -= 1
                 continue
             run = runs.get(result.run_id)
-            if run is None or run.state is not State.RUNNING or run.attempts != result.attempt:
+            if (
+                run is None
+                or run.state is not State.RUNNING
+                or run.attempts != result.attempt
+                or run.id in self.fenced
+            ):
                 continue  # stale report (cannot happen unless an executor misbehaves)
             recorded = result
             if run.cancel_requested:
@@ -220,7 +272,12 @@ class Scheduler:
                 self._pool_of_held(run_id).held -= 1
                 continue
             run = self.runs.get(run_id)
-            if run is None or run.state is not State.RUNNING or run.attempts != attempt:
+            if (
+                run is None
+                or run.state is not State.RUNNING
+                or run.attempts != attempt
+                or run_id in self.fenced
+            ):
                 continue
             self.pools[run.pool].running -= 1
             run.attempts -= 1
@@ -254,6 +311,13 @@ class Scheduler:
                 del self.runs[run_id]
                 effects.append(StateChanged(run_id, State.CANCELLED, now, "cancelled while queued"))
                 results[run_id] = "cancelled"
+            elif run_id in self.fenced:
+                # Its leftovers are being killed: the cancel is journaled, and the
+                # run ends cancelled once they are gone (nothing else to stop).
+                if not run.cancel_requested:
+                    run.cancel_requested = True
+                    effects.append(CancelRequested(run_id, now))
+                results[run_id] = "cancelling"
             elif run.state is State.RUNNING and run.spec.kind is Kind.CALL:
                 # A thread cannot be interrupted: end the run now, hold the slot
                 # until the call returns.
@@ -292,34 +356,81 @@ class Scheduler:
     ) -> None:
         self.next_id = max(self.next_id, next_id)
         for run in runs:
-            if run.state is State.RUNNING:
-                # Interrupted by a crash: close the attempt as lost, kill what is
-                # left of it, then re-queue (at-least-once) or give up.
-                lost = Result(
-                    run.id,
-                    run.attempts,
-                    Outcome.LOST,
-                    now,
-                    error="the daemon stopped while this attempt ran",
-                )
+            if run.state is State.RUNNING and run.spec.kind is not Kind.CALL:
+                # Interrupted by a crash: fenced until its leftovers are known dead.
+                self.runs[run.id] = run
+                self.fenced[run.id] = run.attempts
                 effects.append(
                     KillLeftovers(run.id, run.attempts, run.attempt_pid, run.attempt_pid_started)
                 )
-                effects.append(Ended(lost, None))
-                run.lost += 1
-                if run.cancel_requested:
-                    state, reason = (
-                        State.CANCELLED,
-                        "cancelled; the daemon stopped before it exited",
-                    )
-                elif run.lost > MAX_LOST_REQUEUES:
-                    state, reason = State.FAILED, f"attempt {run.attempts} lost ({run.lost} lost)"
-                else:
-                    state, reason = State.QUEUED, f"re-queued after attempt {run.attempts} was lost"
-                run.state = state
-                effects.append(StateChanged(run.id, state, now, reason, lost=run.lost))
-            if run.state is State.QUEUED:
+            elif run.state is State.RUNNING:
+                # A callable ran in the daemon's own threads: nothing of it is left.
+                self._close_lost(run, now, effects)
+            elif run.state is State.QUEUED:
                 self._enqueue(run)
+
+    def _leftovers_gone(
+        self, attempts: Iterable[tuple[int, int]], now: float, effects: list[Effect]
+    ) -> None:
+        for run_id, attempt in attempts:
+            if self.fenced.get(run_id) != attempt:
+                continue  # not fenced (any more): quarantined meanwhile, or a stale report
+            del self.fenced[run_id]
+            self._close_lost(self.runs.pop(run_id), now, effects)
+
+    def _close_lost(self, run: Run, now: float, effects: list[Effect]) -> None:
+        """Close an interrupted attempt as lost; re-queue the run (at-least-once) or end it."""
+        lost = Result(
+            run.id,
+            run.attempts,
+            Outcome.LOST,
+            now,
+            error="the daemon stopped while this attempt ran",
+        )
+        effects.append(Ended(lost, None))
+        run.lost += 1
+        if run.cancel_requested:
+            state, reason = (State.CANCELLED, "cancelled; the daemon stopped before it exited")
+        elif run.lost > MAX_LOST_REQUEUES:
+            state, reason = State.FAILED, f"attempt {run.attempts} lost ({run.lost} lost)"
+        else:
+            state, reason = State.QUEUED, f"re-queued after attempt {run.attempts} was lost"
+        run.state = state
+        effects.append(StateChanged(run.id, state, now, reason, lost=run.lost))
+        if state is State.QUEUED:
+            self._enqueue(run)
+
+    def _quarantine(
+        self,
+        run_ids: Iterable[int],
+        reason: str,
+        in_executor: frozenset[tuple[int, int]],
+        now: float,
+        effects: list[Effect],
+    ) -> None:
+        for run_id in run_ids:
+            run = self.runs.pop(run_id, None)
+            if run is not None and run_id in self.fenced:
+                del self.fenced[run_id]  # its leftovers are still killed: it never runs again
+            elif run is not None and run.state is State.QUEUED:
+                self.pools[run.pool].queued -= 1  # its heap entry is skipped when popped
+            elif run is not None and run.state is State.RUNNING:
+                pool = self.pools[run.pool]
+                pool.running -= 1
+                key = (run_id, run.attempts)
+                if key in in_executor:
+                    # Stop it; its slot is free once the executor reports it.
+                    pool.held += 1
+                    self._held.add(key)
+                    self._held_pools[run_id] = run.pool
+                    effects.append(Quarantined(run_id, now, reason))
+                    effects.append(Kill(*key))
+                    continue
+            if run is not None:
+                run.state = State.FAILED
+            # Also for a run memory no longer holds: the journal may still show it
+            # active (its end was what the journal refused).
+            effects.append(Quarantined(run_id, now, reason))
 
     def _dispatch(self, now: float, effects: list[Effect]) -> None:
         if self.draining:
@@ -342,6 +453,7 @@ class Scheduler:
     # -- inspection -------------------------------------------------------
 
     def statistics(self) -> list[PoolStatistics]:
+        """Per pool. Fenced runs (``fenced``) are in no pool's counts."""
         return [
             PoolStatistics(p.name, p.workers, p.configured, p.queued, p.running, p.held)
             for p in self.pools.values()

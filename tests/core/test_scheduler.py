@@ -14,6 +14,7 @@ from jobd.core.effects import (
     Kill,
     KillLeftovers,
     PidRecorded,
+    Quarantined,
     Started,
     StateChanged,
 )
@@ -22,7 +23,9 @@ from jobd.core.scheduler import (
     MAX_LOST_REQUEUES,
     Cancel,
     Finished,
+    LeftoversGone,
     ProcessStarted,
+    Quarantine,
     Recover,
     Scheduler,
     Submit,
@@ -309,35 +312,61 @@ def test_draining_starts_nothing() -> None:
 # -- recovery -------------------------------------------------------------------------
 
 
-def test_recovery_kills_leftovers_closes_the_lost_attempt_and_requeues() -> None:
+def test_recovery_fences_an_interrupted_command_until_its_leftovers_are_gone() -> None:
     scheduler = Scheduler({"default": 2})
     runs = (recovered_run(3, State.RUNNING, attempts=1), recovered_run(5, State.QUEUED))
     effects = scheduler.handle(Recover(runs, 8), 50.0)
+    # Nothing is journaled for run 3 yet: until its leftovers are known dead the
+    # journal keeps it running, so a crash now finds the same attempt again.
+    assert effects == [KillLeftovers(3, 1), Started(5, 1, 50.0, "default", COMMAND)]
+    assert scheduler.fenced == {3: 1}
+    assert stats(scheduler) == (0, 1, 0)  # fenced runs take no slot
+    # Reports about the fenced attempt are stale: only LeftoversGone moves it on.
+    assert finish(scheduler, 3) == []
+    assert scheduler.handle(ProcessStarted(3, 1, 999), 50.5) == []
+    assert scheduler.handle(LeftoversGone(((3, 2),)), 50.7) == []  # another attempt
+
+    effects = scheduler.handle(LeftoversGone(((3, 1),)), 51.0)
     assert effects == [
-        KillLeftovers(3, 1),
-        Ended(lost_result(3, 1, 50.0), None),
-        StateChanged(3, State.QUEUED, 50.0, "re-queued after attempt 1 was lost", lost=1),
-        Started(3, 2, 50.0, "default", COMMAND),
-        Started(5, 1, 50.0, "default", COMMAND),
+        Ended(lost_result(3, 1, 51.0), None),
+        StateChanged(3, State.QUEUED, 51.0, "re-queued after attempt 1 was lost", lost=1),
+        Started(3, 2, 51.0, "default", COMMAND),
     ]
+    assert scheduler.fenced == {}
     # Ids continue where the journal left off.
-    assert [e.run_id for e in scheduler.handle(Submit((new(),)), 51.0)] == [8]
+    assert [e.run_id for e in scheduler.handle(Submit((new(),)), 52.0)] == [8]
 
 
-def test_recovery_kills_leftovers_before_any_start_even_when_the_pool_is_full() -> None:
+def test_an_interrupted_callable_is_closed_as_lost_at_once() -> None:
+    scheduler = Scheduler({"python": 1})
+    run = recovered_run(4, State.RUNNING, attempts=1)
+    run.spec, run.pool = CALL, "python"
+    effects = scheduler.handle(Recover((run,), 5), 50.0)
+    # Its thread died with the daemon: nothing to kill, nothing to wait for.
+    assert effects == [
+        Ended(lost_result(4, 1, 50.0), None),
+        StateChanged(4, State.QUEUED, 50.0, "re-queued after attempt 1 was lost", lost=1),
+        Started(4, 2, 50.0, "python", CALL),
+    ]
+    assert scheduler.fenced == {}
+
+
+def test_a_run_whose_leftovers_were_gone_queues_behind_older_runs() -> None:
     scheduler = Scheduler({"default": 1})
     runs = (recovered_run(1, State.QUEUED), recovered_run(2, State.RUNNING, attempts=1))
     effects = scheduler.handle(Recover(runs, 3), 50.0)
-    assert isinstance(effects[0], KillLeftovers)
-    # Run 1 is older: it takes the slot; the interrupted run 2 waits behind it.
+    assert effects[0] == KillLeftovers(2, 1)
     assert started(effects) == [1]
+    scheduler.handle(LeftoversGone(((2, 1),)), 51.0)
+    # Run 1 is older: it has the slot; the interrupted run 2 waits behind it.
     assert scheduler.runs[2].state is State.QUEUED
 
 
 def test_a_run_lost_twice_fails() -> None:
     assert MAX_LOST_REQUEUES == 1
     scheduler = Scheduler({"default": 1})
-    effects = scheduler.handle(Recover((recovered_run(1, State.RUNNING, attempts=1),), 2), 5.0)
+    scheduler.handle(Recover((recovered_run(1, State.RUNNING, attempts=1),), 2), 5.0)
+    effects = scheduler.handle(LeftoversGone(((1, 1),)), 5.0)
     assert started(effects) == [1]
     run = scheduler.runs[1]
     assert (run.attempts, run.lost) == (2, 1)
@@ -346,9 +375,9 @@ def test_a_run_lost_twice_fails() -> None:
     # and the run fails instead of being re-queued.
     again = Scheduler({"default": 1})
     runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1),)
-    effects = again.handle(Recover(runs, 2), 9.0)
+    assert again.handle(Recover(runs, 2), 9.0) == [KillLeftovers(1, 2)]
+    effects = again.handle(LeftoversGone(((1, 2),)), 9.0)
     assert effects == [
-        KillLeftovers(1, 2),
         Ended(lost_result(1, 2, 9.0), None),
         StateChanged(1, State.FAILED, 9.0, "attempt 2 lost (2 lost)", lost=2),
     ]
@@ -369,13 +398,13 @@ def test_a_cancel_requested_before_a_crash_ends_the_run_cancelled_at_recovery() 
         recovered_run(2, State.QUEUED),
     )
     effects = recovered.handle(Recover(runs, 3), 9.0)
+    assert effects == [KillLeftovers(1, 1), Started(2, 1, 9.0, "default", COMMAND)]
+    effects = recovered.handle(LeftoversGone(((1, 1),)), 9.5)
     assert effects == [
-        KillLeftovers(1, 1),
-        Ended(lost_result(1, 1, 9.0), None),
+        Ended(lost_result(1, 1, 9.5), None),
         StateChanged(
-            1, State.CANCELLED, 9.0, "cancelled; the daemon stopped before it exited", lost=1
+            1, State.CANCELLED, 9.5, "cancelled; the daemon stopped before it exited", lost=1
         ),
-        Started(2, 1, 9.0, "default", COMMAND),
     ]
     assert 1 not in recovered.runs
     assert stats(recovered) == (0, 1, 0)
@@ -385,12 +414,26 @@ def test_a_cancel_requested_before_a_crash_ends_the_run_cancelled_at_recovery() 
     assert recovered.cancel_results == {1: "unknown"}
 
 
+def test_a_fenced_run_can_be_cancelled_and_ends_cancelled_once_its_leftovers_are_gone() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Recover((recovered_run(1, State.RUNNING, attempts=1),), 2), 5.0)
+    # Journaled (a crash now still ends it cancelled); no Kill: nothing executes it.
+    assert scheduler.handle(Cancel((1,)), 6.0) == [CancelRequested(1, 6.0)]
+    assert scheduler.cancel_results == {1: "cancelling"}
+    assert scheduler.handle(Cancel((1,)), 6.5) == []
+    effects = scheduler.handle(LeftoversGone(((1, 1),)), 7.0)
+    assert [type(e) for e in effects] == [Ended, StateChanged]
+    assert effects[1] == StateChanged(
+        1, State.CANCELLED, 7.0, "cancelled; the daemon stopped before it exited", lost=1
+    )
+
+
 def test_a_cancel_requested_before_a_second_crash_still_ends_cancelled_not_failed() -> None:
     scheduler = Scheduler({"default": 1})
     runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1, cancel_requested=True),)
-    effects = scheduler.handle(Recover(runs, 2), 9.0)
+    assert scheduler.handle(Recover(runs, 2), 9.0) == [KillLeftovers(1, 2)]
+    effects = scheduler.handle(LeftoversGone(((1, 2),)), 9.0)
     assert effects == [
-        KillLeftovers(1, 2),
         Ended(lost_result(1, 2, 9.0), None),
         StateChanged(
             1, State.CANCELLED, 9.0, "cancelled; the daemon stopped before it exited", lost=2
@@ -398,6 +441,50 @@ def test_a_cancel_requested_before_a_second_crash_still_ends_cancelled_not_faile
     ]
     assert scheduler.runs == {}
     assert stats(scheduler) == (0, 0, 0)
+
+
+# -- quarantine: the journal refused a run's change -------------------------------------
+
+
+def test_quarantine_fails_a_queued_run_and_frees_nothing_else() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Submit((new(), new(), new())), 1.0)
+    effects = scheduler.handle(Quarantine((2,), "refused: bad"), 2.0)
+    assert effects == [Quarantined(2, 2.0, "refused: bad")]
+    assert stats(scheduler) == (1, 1, 0)
+    # The queued run 2 is skipped: 3 starts after 1.
+    assert started(finish(scheduler, 1)) == [3]
+
+
+def test_quarantine_of_an_executing_attempt_stops_it_and_holds_its_slot() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Submit((new(), new())), 1.0)
+    effects = scheduler.handle(Quarantine((1,), "refused", frozenset({(1, 1)})), 2.0)
+    assert effects == [Quarantined(1, 2.0, "refused"), Kill(1, 1)]
+    assert stats(scheduler) == (1, 0, 1)  # run 2 waits until the killed attempt is reported
+    assert started(finish(scheduler, 1)) == [2]
+
+
+def test_quarantine_of_an_attempt_never_handed_over_frees_its_slot_at_once() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Submit((new(), new())), 1.0)
+    effects = scheduler.handle(Quarantine((1,), "refused"), 2.0)
+    assert effects == [Quarantined(1, 2.0, "refused"), Started(2, 1, 2.0, "default", COMMAND)]
+
+
+def test_quarantine_of_a_run_memory_no_longer_holds_still_closes_it_in_the_journal() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Submit((new(),)), 1.0)
+    finish(scheduler, 1)  # its end is what the journal refused
+    assert scheduler.handle(Quarantine((1,), "refused"), 2.0) == [Quarantined(1, 2.0, "refused")]
+
+
+def test_quarantine_of_a_fenced_run_unfences_it() -> None:
+    scheduler = Scheduler({"default": 1})
+    scheduler.handle(Recover((recovered_run(1, State.RUNNING, attempts=1),), 2), 5.0)
+    assert scheduler.handle(Quarantine((1,), "refused"), 6.0) == [Quarantined(1, 6.0, "refused")]
+    assert scheduler.fenced == {}
+    assert scheduler.handle(LeftoversGone(((1, 1),)), 7.0) == []
 
 
 def test_recovery_never_lowers_next_id() -> None:

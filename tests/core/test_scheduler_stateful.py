@@ -11,7 +11,10 @@ Next to the real ``Scheduler`` the machine keeps three plain models:
 
 A restart throws the scheduler and the executor away (the process died; its
 threads died with it, and its processes are what ``KillLeftovers`` is for) and
-recovers a fresh scheduler from the model journal, as ``Daemon.run`` does.
+recovers a fresh scheduler from the model journal, as ``Daemon.run`` does. An
+interrupted command stays *fenced* (running, nothing starts it) until the
+machine reports its leftovers gone; a restart meanwhile finds it again. A
+quarantine (the journal refused a run's change) fails runs in any state.
 Every effect list is checked against the models; no event loop, no clock.
 """
 
@@ -42,6 +45,7 @@ from jobd.core.effects import (
     Kill,
     KillLeftovers,
     PidRecorded,
+    Quarantined,
     Started,
     StateChanged,
     Withdrawn,
@@ -62,7 +66,9 @@ from jobd.core.scheduler import (
     Cancel,
     Event,
     Finished,
+    LeftoversGone,
     ProcessStarted,
+    Quarantine,
     Recover,
     Scheduler,
     Submit,
@@ -153,6 +159,7 @@ class ModelJournal:
         self.attempts: dict[tuple[int, int], AttemptRow] = {}
         self.seq = 0  # sqlite_sequence for runs: the largest id ever inserted
         self.withdrawn: set[tuple[int, int]] = set()  # attempts undone, never begun
+        self.quarantined: set[int] = set()  # runs failed because the journal refused them
         self.transactions: list[list[Effect]] = []  # every commit, in order
 
     def write(self, effects: list[Effect]) -> None:
@@ -232,6 +239,15 @@ class ModelJournal:
                     assert attempt.outcome is None, "withdrew an attempt that ended"
                     row.state, row.attempts = State.QUEUED, row.attempts - 1
                     self.withdrawn.add((row.id, effect.attempt))
+                case Quarantined():
+                    # As journal.py writes it: close an open attempt, fail an active run.
+                    row = self.runs[effect.run_id]
+                    attempt = self.attempts.get((row.id, row.attempts))
+                    if attempt is not None and attempt.outcome is None:
+                        attempt.outcome = Outcome.ERROR
+                    if not row.state.terminal:
+                        row.state, row.reason = State.FAILED, effect.reason
+                        self.quarantined.add(row.id)
                 case Kill() | KillLeftovers():
                     pass  # actions only: no journal row
 
@@ -297,6 +313,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.live: dict[tuple[int, int], str] = {}
         # Attempts that got a Kill in this daemon process.
         self.killed: set[tuple[int, int]] = set()
+        # Interrupted commands whose leftovers are being killed: run -> attempt.
+        self.fenced: dict[int, int] = {}
         self.healthy = True
 
     # -- driving the scheduler ----------------------------------------------------
@@ -312,7 +330,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert row.state is State.RUNNING, f"Kill for run {row.id} in {row.state}"
                 assert row.attempts == effect.attempt, "Kill for an attempt that is not current"
                 assert key in self.live
-                if row.kind is Kind.CALL:
+                if effects[i - 1 : i] == [Quarantined(effect.run_id, self.now, "refused")]:
+                    pass  # a quarantined attempt that an executor holds is told to stop
+                elif row.kind is Kind.CALL:
                     # A thread cannot be stopped; a Kill for a callable only goes with
                     # the cancel that ended its attempt (the executor may then skip a
                     # call no thread has taken yet).
@@ -334,11 +354,21 @@ class SchedulerMachine(RuleBasedStateMachine):
             elif isinstance(effect, CancelRequested):
                 assert isinstance(event, Cancel), "CancelRequested outside a cancel"
                 row = self.journal.runs[effect.run_id]
-                assert effects[i + 1 : i + 2] == [Kill(effect.run_id, row.attempts)], (
-                    f"CancelRequested for run {effect.run_id} not followed by its Kill"
-                )
+                if effect.run_id in self.fenced:
+                    # Nothing executes it: its leftovers are being killed already.
+                    assert not any(isinstance(e, Kill) and e.run_id == row.id for e in effects)
+                else:
+                    assert effects[i + 1 : i + 2] == [Kill(effect.run_id, row.attempts)], (
+                        f"CancelRequested for run {effect.run_id} not followed by its Kill"
+                    )
             elif isinstance(effect, KillLeftovers):
                 assert isinstance(event, Recover), "KillLeftovers outside recovery"
+                row = self.journal.runs[effect.run_id]
+                assert row.state is State.RUNNING and row.attempts == effect.attempt
+                assert row.kind is not Kind.CALL, "a callable leaves nothing behind"
+                self.fenced[effect.run_id] = effect.attempt
+            elif isinstance(effect, Started):
+                assert effect.run_id not in self.fenced, f"fenced run {effect.run_id} started"
         self.journal.write(effects)
         for effect in effects:
             if isinstance(effect, Started):
@@ -467,8 +497,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         effects = self.handle(Withdraw(tuple(keys)))
         withdrawn = {(e.run_id, e.attempt) for e in effects if isinstance(e, Withdrawn)}
         held = {key for key in keys if key not in withdrawn}
-        for key in held:  # a cancelled callable's slot, freed
-            assert self.journal.runs[key[0]].state is State.CANCELLED
+        for key in held:  # a cancelled callable's (or a quarantined run's) slot, freed
+            assert self.journal.runs[key[0]].state in (State.CANCELLED, State.FAILED)
         for run_id, _ in withdrawn:
             state = self.journal.runs[run_id].state
             assert state in (State.QUEUED, State.CANCELLED, State.RUNNING), state
@@ -493,7 +523,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         running = self.journal.in_state(State.RUNNING)
         groups = {
             "queued": [r.id for r in self.journal.in_state(State.QUEUED)],
-            "running command": [r.id for r in running if r.kind is not Kind.CALL],
+            "running command": [
+                r.id for r in running if r.kind is not Kind.CALL and r.id not in self.fenced
+            ],
+            "fenced": sorted(self.fenced),
             "running call": [r.id for r in running if r.kind is Kind.CALL],
             "terminal": [r.id for r in self.journal.runs.values() if r.state.terminal],
             "unknown": [0, self.journal.seq + 1, self.journal.seq + 50],
@@ -511,6 +544,10 @@ class SchedulerMachine(RuleBasedStateMachine):
             elif row.state is State.QUEUED:
                 expected_results[run_id] = "cancelled"
                 expected_effects.append((StateChanged, run_id))
+            elif run_id in self.fenced:
+                expected_results[run_id] = "cancelling"
+                if not row.cancel_requested:
+                    expected_effects.append((CancelRequested, run_id))
             elif row.kind is Kind.CALL:
                 expected_results[run_id] = "cancelled"
                 expected_effects.append((Ended, run_id))
@@ -542,7 +579,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             if result == "cancelling":
                 row = self.journal.runs[run_id]
                 assert (row.state, row.cancel_requested) == (State.RUNNING, True)
-                assert (run_id, row.attempts) in self.killed
+                assert (run_id, row.attempts) in self.killed or run_id in self.fenced
 
     @rule(workers=WORKERS, before_commit=st.booleans())
     @checked
@@ -558,47 +595,133 @@ class SchedulerMachine(RuleBasedStateMachine):
         runs, next_id = self.journal.load_active()
         # Snapshot: the scheduler takes the Run objects over and mutates them.
         interrupted = {
-            r.id: (r.attempts, r.lost, r.cancel_requested) for r in runs if r.state is State.RUNNING
+            r.id: (r.attempts, r.lost, r.cancel_requested, r.spec.kind)
+            for r in runs
+            if r.state is State.RUNNING
         }
         self.live.clear()
         self.killed.clear()
+        self.fenced.clear()
         self.workers = workers
         self.scheduler = Scheduler(workers)
         effects = self.handle(Recover(tuple(runs), next_id))
 
-        # Each interrupted run, in id order: its leftovers die, its attempt closes
-        # as lost, and the run is cancelled (a cancel was journaled), failed (lost
-        # too often) or re-queued. Only then does anything start.
-        closing = effects[: 3 * len(interrupted)]
-        assert len(closing) == 3 * len(interrupted), f"too few effects at recovery: {effects}"
-        assert all(isinstance(e, Started) for e in effects[len(closing) :])
-        for n, (run_id, (attempt, lost, cancel_requested)) in enumerate(interrupted.items()):
-            kill, ended, changed = closing[3 * n : 3 * n + 3]
-            assert kill == KillLeftovers(run_id, attempt)
-            assert isinstance(ended, Ended)
-            assert ended.result == Result(
-                run_id, attempt, Outcome.LOST, self.now, error=ended.result.error
-            )
-            assert ended.result.error and ended.state is None
-            if cancel_requested:
-                event("restart: a run cancelled before the crash ended cancelled")
-                state = State.CANCELLED
-            elif lost + 1 > MAX_LOST_REQUEUES:
-                event("restart: a run lost too often failed")
-                state = State.FAILED
+        # Each interrupted run, in id order: a command is fenced (its leftovers are
+        # killed; nothing else happens to it yet); a callable (nothing of it
+        # outlived the daemon) is closed as lost at once. Only then does anything
+        # start.
+        position = 0
+        for run_id, (attempt, lost, cancel_requested, kind) in interrupted.items():
+            if kind is Kind.CALL:
+                key = (run_id, attempt)
+                self.check_lost(effects[position : position + 2], key, lost, cancel_requested)
+                position += 2
             else:
-                event("restart: a lost run was re-queued")
-                state = State.QUEUED
-            assert isinstance(changed, StateChanged)
-            assert changed == StateChanged(run_id, state, self.now, changed.reason, lost=lost + 1)
-            assert changed.reason
+                assert effects[position] == KillLeftovers(run_id, attempt)
+                assert self.journal.runs[run_id].state is State.RUNNING
+                position += 1
+        assert all(isinstance(e, Started) for e in effects[position:]), effects
+        if any(kind is not Kind.CALL for *_, kind in interrupted.values()):
+            event("restart: an interrupted command was fenced")
+
+    def check_lost(
+        self, effects: list[Effect], key: tuple[int, int], lost: int, cancel_requested: bool
+    ) -> None:
+        """The attempt closes as lost, and the run is cancelled (a cancel was
+        journaled), failed (lost too often) or re-queued."""
+        assert len(effects) == 2, f"too few effects for a lost attempt: {effects}"
+        ended, changed = effects
+        run_id, attempt = key
+        assert isinstance(ended, Ended)
+        assert ended.result == Result(
+            run_id, attempt, Outcome.LOST, self.now, error=ended.result.error
+        )
+        assert ended.result.error and ended.state is None
+        if cancel_requested:
+            event("lost: a run cancelled before the crash ended cancelled")
+            state = State.CANCELLED
+        elif lost + 1 > MAX_LOST_REQUEUES:
+            event("lost: a run lost too often failed")
+            state = State.FAILED
+        else:
+            event("lost: a lost run was re-queued")
+            state = State.QUEUED
+        assert isinstance(changed, StateChanged)
+        assert changed == StateChanged(run_id, state, self.now, changed.reason, lost=lost + 1)
+        assert changed.reason
+        row = self.journal.runs[run_id]
+        assert row.lost == lost + 1
+        if state is State.QUEUED:
+            assert row.state in (State.QUEUED, State.RUNNING)  # it may start again
+        else:
+            assert row.state is state
+            assert run_id not in self.scheduler.runs
+
+    @precondition(lambda self: self.fenced)
+    @rule(data=st.data(), stale=st.booleans())
+    @checked
+    def leftovers_gone(self, data: st.DataObject, stale: bool) -> None:
+        """The daemon killed an interrupted command's leftovers and saw them gone:
+        only now is its attempt closed as lost and the run free to go on."""
+        ids = data.draw(
+            st.lists(st.sampled_from(sorted(self.fenced)), min_size=1, max_size=3, unique=True),
+            label="runs",
+        )
+        if stale:  # a report for another attempt changes nothing
+            before = dict(self.fenced)
+            effects = self.handle(LeftoversGone(tuple((i, self.fenced[i] + 1) for i in ids)))
+            assert effects == [] and self.fenced == before
+            return
+        rows = {i: (self.journal.runs[i].lost, self.journal.runs[i].cancel_requested) for i in ids}
+        keys = tuple((i, self.fenced.pop(i)) for i in ids)
+        effects = self.handle(LeftoversGone(keys))
+        for n, key in enumerate(keys):
+            lost, cancel_requested = rows[key[0]]
+            self.check_lost(effects[2 * n : 2 * n + 2], key, lost, cancel_requested)
+        assert all(isinstance(e, Started) for e in effects[2 * len(ids) :])
+
+    @rule(data=st.data())
+    @checked
+    def quarantine(self, data: st.DataObject) -> None:
+        """The journal refused changes to some runs (in whatever state): they are
+        failed, an executing attempt is told to stop and keeps its slot until it
+        is reported; nothing else changes."""
+        rows = self.journal.runs.values()
+        groups = {
+            "queued": [r.id for r in rows if r.state is State.QUEUED],
+            "executing": [r.id for r in rows if (r.id, r.attempts) in self.live],
+            "fenced": sorted(self.fenced),
+            "terminal": [r.id for r in rows if r.state.terminal],
+        }
+        choices = sorted(name for name, ids in groups.items() if ids)
+        if not choices:
+            return
+        picks = data.draw(st.lists(st.sampled_from(choices), min_size=1, max_size=3), label="what")
+        ids = list(dict.fromkeys(data.draw(st.sampled_from(groups[g])) for g in picks))
+        for name in picks:
+            event(f"quarantine: {name}")
+        in_executor: set[tuple[int, int]] = set()
+        for run_id in ids:
             row = self.journal.runs[run_id]
-            assert row.lost == lost + 1
-            if state is State.QUEUED:
-                assert row.state in (State.QUEUED, State.RUNNING)  # it may start again
-            else:
-                assert row.state is state
-                assert run_id not in self.scheduler.runs
+            key = (run_id, row.attempts)
+            if key not in self.live or row.state.terminal:
+                continue
+            if data.draw(st.booleans(), label=f"executor holds {key}"):
+                in_executor.add(key)
+            else:  # its start was what the journal refused: it was never handed over
+                del self.live[key]
+                self.killed.discard(key)
+        for run_id in ids:
+            self.fenced.pop(run_id, None)
+        effects = self.handle(Quarantine(tuple(ids), "refused", frozenset(in_executor)))
+        quarantined = [e.run_id for e in effects if isinstance(e, Quarantined)]
+        assert quarantined == ids
+        kills = {(e.run_id, e.attempt) for e in effects if isinstance(e, Kill)}
+        assert kills == in_executor
+        assert all(isinstance(e, Quarantined | Kill | Started) for e in effects)
+        for run_id in ids:
+            assert self.journal.runs[run_id].state.terminal
+            assert run_id not in self.scheduler.runs
 
     # -- invariants ---------------------------------------------------------------
 
@@ -644,6 +767,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert row.state is State.CANCELLED, f"run {row.id} cancelled, lost: {row.state}"
             elif n > MAX_LOST_REQUEUES:
                 assert row.state is State.FAILED, f"run {row.id} lost {n}x: {row.state}"
+            elif row.id in self.journal.quarantined:
+                assert row.state is State.FAILED
             else:  # re-queued, and maybe cancelled while queued since
                 assert row.state in (State.QUEUED, State.CANCELLED)
 
@@ -657,8 +782,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 continue
             assert row.kind is not Kind.CALL, f"cancel requested for callable run {row.id}"
             key = (row.id, row.attempts)
+            if row.state is State.RUNNING and row.id in self.fenced:
+                continue  # ends cancelled once its leftovers are gone
             if row.state is State.RUNNING:
                 assert key in self.live and key in self.killed, f"{key}: cancel without Kill"
+            elif row.id in self.journal.quarantined:
+                assert row.state is State.FAILED
             else:
                 assert row.state is State.CANCELLED, f"run {row.id} cancelled, ended {row.state}"
                 if (row.id, row.attempts + 1) in self.journal.withdrawn:
@@ -685,6 +814,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 results = tuple(Result(*k, Outcome.SUCCEEDED, self.now, exit_code=0) for k in keys)
                 self.live.clear()
                 self.handle(Finished(results))
+            elif self.fenced:
+                gone = tuple(self.fenced.items())
+                self.fenced.clear()
+                self.handle(LeftoversGone(gone))
             elif self.scheduler.runs:
                 # Only runs in pools without workers can be left waiting.
                 for run in self.scheduler.runs.values():
