@@ -7,6 +7,8 @@
     ├── JournalError             the journal cannot be opened, read or committed
     │   ├── JournalLockedError   another daemon holds the state directory (names its pid)
     │   └── JournalVersionError  the journal was written by a newer jobd
+    ├── UnsafePathError          a directory or file jobd would use is not its own and
+    │                            private (owner, mode, a symlink or FIFO in its place)
     ├── ProtocolError            a message broke the wire protocol; carries a stable ``code``
     │   └── RequestError         a well-formed request that cannot be served (not_found, …)
     └── ClientError              raised by jobd.client
@@ -54,6 +56,11 @@ class JournalLockedError(JournalError):
 
 class JournalVersionError(JournalError):
     """The journal's schema is newer than this jobd understands."""
+
+
+class UnsafePathError(JobdError):
+    """A directory or file jobd would use is not safe: another owner, writable by
+    others, or not what it should be (a symlink, a FIFO). See jobd.files."""
 
 
 class ProtocolError(JobdError):
