@@ -365,7 +365,8 @@ def test_a_symlink_planted_as_an_output_file_is_never_followed(
     secret.write_text(SECRET)
     d = daemon_factory()
     shard = d.dir / "logs" / "00000"
-    shard.mkdir(parents=True, mode=0o700)
+    shard.parent.mkdir(mode=0o700)
+    shard.mkdir(mode=0o700)
     (shard / "1.1.log").symlink_to(secret)  # where run 1's first output will go
     (shard / "1.7.log").symlink_to(secret)  # an attempt that will never exist
     d.start()
