@@ -1,6 +1,8 @@
 """The composition root: wiring, signals, lifetime.
 
-Start-up: lock the state directory, open (and migrate) the journal, bind the
+Start-up: make sure the state and log directories are private (jobd.files:
+created 0700, or refused unless they are the daemon's own and writable by no
+one else), lock the state directory, open (and migrate) the journal, bind the
 socket, rebuild the heaps from the journal, then serve. Runs found running
 were interrupted: their leftover processes are killed and *waited for*
 before their attempt is closed as lost and they are re-queued (the core
@@ -39,7 +41,7 @@ from typing import Any
 
 import trio
 
-from jobd import __version__, faults
+from jobd import __version__, faults, files
 from jobd import executor as executor_mod
 from jobd.config import DEFAULT_CONFIG, Config, dev_config, load_config
 from jobd.core.effects import (
@@ -64,7 +66,7 @@ from jobd.core.scheduler import (
     Submit,
     Withdraw,
 )
-from jobd.errors import JobdError, ProtocolError
+from jobd.errors import JobdError, ProtocolError, UnsafePathError
 from jobd.executor import Executor, Handback, NotBegun
 from jobd.groupcommit import Batch, GroupCommitter
 from jobd.journal import AuditEntry, Journal, StateDirLock
@@ -112,6 +114,7 @@ class Daemon:
         self._quiet = trio.Event()  # while stopping: nothing (left) running
         self._stop_requested = trio.Event()  # a signal, or a bug that stops the daemon
         self._quarantining: set[int] = set()  # runs whose Quarantined is being committed
+        self._child_umask = 0o022  # the umask jobd was started with (set in run())
         self.scheduler = Scheduler({p.name: p.capacity for p in config.pools.values()})
         self.server = Server(config, self)
         # Set up in run():
@@ -122,6 +125,17 @@ class Daemon:
     # -- lifetime -----------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Belt and braces: every file the daemon creates has its mode set
+        # explicitly (jobd.files), and with this umask one that is not (a
+        # library's, a callable's) is private too. Commands get back the umask
+        # jobd was started with (Popen(umask=...)).
+        self._child_umask = os.umask(0o077)
+        try:
+            await self._run(task_status)
+        finally:
+            os.umask(self._child_umask)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         config = self.config
         _make_dirs(config)
         lock = StateDirLock(config.state_dir)
@@ -147,6 +161,7 @@ class Daemon:
             self.journal.instance,
             self._on_handback,
             config.kill_grace,
+            child_umask=self._child_umask,
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.writer.run)
@@ -604,21 +619,26 @@ class Daemon:
         # One decoder for the whole stream: a character split between two
         # reads is decoded whole, not replaced.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Only an attempt the journal knows has an output file to serve,
+        # whatever the run's state: a file at a path of an attempt that never
+        # ran is none of jobd's.
+        if attempt is not None and attempt not in {a["attempt"] for a in run["attempt_list"]}:
+            raise ProtocolError(
+                ErrorCode.NOT_FOUND,
+                f"run {run_id} has no attempt {attempt}",
+                hint=f"`jobctl show {run_id}` lists its attempts",
+            )
         while True:
             attempts = run["attempt_list"]
             if chosen is None and attempts:
                 chosen = attempts[-1]["attempt"]
-            if (
-                attempt is not None
-                and attempt > max((a["attempt"] for a in attempts), default=0)
-                and State(run["state"]).terminal
-            ):
-                raise ProtocolError(ErrorCode.NOT_FOUND, f"run {run_id} has no attempt {attempt}")
-            path = executor_mod.output_path(self.config.log_dir, run_id, chosen) if chosen else None
-            if path is not None:
+            if chosen is not None:
+                path = executor_mod.output_path(self.config.log_dir, run_id, chosen)
                 # A chunk at a time: a large output is never held in memory,
                 # and a slow reader slows the reads (emit waits for the socket).
-                while data := await trio.to_thread.run_sync(_read_chunk, path, offset):
+                while data := await trio.to_thread.run_sync(
+                    _read_chunk, path, offset, run_id, chosen
+                ):
                     offset += len(data)
                     if text := decoder.decode(data):
                         await emit(text)
@@ -687,30 +707,41 @@ def _grouped(reasons: dict[int, str]) -> dict[str, list[int]]:
     return out
 
 
-def _read_chunk(path: Path, offset: int) -> bytes:
-    """Up to LOG_CHUNK bytes of ``path`` from ``offset`` (b"" at its end, or if missing)."""
+def _read_chunk(path: Path, offset: int, run_id: int, attempt: int) -> bytes:
+    """Up to LOG_CHUNK bytes of ``path`` from ``offset`` (b"" at its end, or if missing).
+
+    Only a regular file, never through a symlink: the daemon usually runs as
+    root, and this is read on a client's behalf."""
     try:
-        with open(path, "rb") as f:
+        with files.open_private_for_read(path) as f:
             f.seek(offset)
             return f.read(LOG_CHUNK)
     except FileNotFoundError:
         return b""
+    except UnsafePathError as exc:
+        log.warning("refused to serve the output of run %d attempt %d: %s", run_id, attempt, exc)
+        raise ProtocolError(
+            ErrorCode.INTERNAL,
+            f"the output of run {run_id} attempt {attempt} is not a file jobd wrote;"
+            " it is not served",
+            hint="tell the administrator: the daemon log names the file",
+        ) from exc
 
 
 def _make_dirs(config: Config) -> None:
-    for path, mode in ((config.state_dir, 0o750), (config.log_dir, 0o750)):
-        try:
-            path.mkdir(parents=True, exist_ok=True, mode=mode)
-        except OSError as exc:
-            raise JobdError(
-                f"cannot create {path}: {exc.strerror}",
-                hint="create it with the right owner, or point the configuration"
-                " elsewhere (--dev uses ./.jobd)",
-            ) from exc
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise JobdError(
-                f"{path} is not writable by uid {os.getuid()}",
-                hint="fix its owner/permissions, or choose another directory",
+    """The state and log directories: created 0700, or refused unless they are
+    the daemon's own and writable by nobody else (jobd.files)."""
+    files.prepare_private_dir(config.state_dir, "state directory (daemon.state_dir)")
+    files.prepare_private_dir(config.log_dir, "log directory (daemon.log_dir)")
+    for private in (config.state_dir, config.log_dir):
+        if config.socket.is_relative_to(private) and config.socket_mode & 0o077:
+            log.warning(
+                "the socket %s is inside the private directory %s (0700): only uid %d"
+                " can reach it, whatever daemon.socket_mode says; put it elsewhere"
+                " (the default is /run/jobd/jobd.sock)",
+                config.socket,
+                private,
+                os.geteuid(),
             )
 
 

@@ -13,6 +13,8 @@
     │   │                        value it cannot store, a constraint a bug broke): never
     │   │                        retried as is; the guilty runs are isolated
     │   └── JournalDamagedError  the file is not a usable database (corrupt): stop
+    ├── UnsafePathError          a directory or file jobd would use is not its own and
+    │                            private (owner, mode, a symlink or FIFO in its place)
     ├── ProtocolError            a message broke the wire protocol; carries a stable ``code``
     │   └── RequestError         a well-formed request that cannot be served (not_found, …)
     └── ClientError              raised by jobd.client
@@ -68,6 +70,11 @@ class JournalDataError(JournalError):
 
 class JournalDamagedError(JournalError):
     """The journal file is damaged; nothing more can be committed to it."""
+
+
+class UnsafePathError(JobdError):
+    """A directory or file jobd would use is not safe: another owner, writable by
+    others, or not what it should be (a symlink, a FIFO). See jobd.files."""
 
 
 class ProtocolError(JobdError):

@@ -32,11 +32,12 @@ from typing import Any
 
 import trio
 
-from jobd import context, faults
+from jobd import context, faults, files
 from jobd.config import PoolConfig
 from jobd.core.effects import KillLeftovers, Started
 from jobd.core.model import Kind, Outcome, Result
 from jobd.core.scheduler import ProcessStarted
+from jobd.errors import UnsafePathError
 
 log = logging.getLogger("jobd.executor")
 
@@ -77,8 +78,11 @@ class Executor:
         instance: str,
         on_handback: Callable[[list[Handback]], None],
         kill_grace: float,
+        *,
+        child_umask: int = 0o022,
     ) -> None:
         self.log_dir = log_dir
+        self.child_umask = child_umask  # commands get the umask jobd was started with
         self.instance = instance
         self.kill_grace = kill_grace
         self._on_handback = on_handback
@@ -107,7 +111,7 @@ class Executor:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the worker threads and the kill-escalation tasks until cancelled."""
         self._token = trio.lowlevel.current_trio_token()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        files.prepare_private_dir(self.log_dir, "log directory")
         for pool in self._pools.values():
             self._start_pool(pool)
         try:
@@ -303,21 +307,30 @@ class Executor:
         try:
             fn(*spec.args, **spec.kwargs)
         except BaseException as exc:
-            output = self._log_path(item.run_id, item.attempt)
-            with contextlib.suppress(OSError):
-                output.write_text("".join(traceback.format_exception(exc)))
             return Result(
                 item.run_id,
                 item.attempt,
                 Outcome.FAILED,
                 time.time(),
                 error=f"{type(exc).__name__}: {exc}",
-                output=str(output),
+                output=self._write_traceback(item, exc),
                 started_at=started,
             )
         finally:
             context._set(None)
         return Result(item.run_id, item.attempt, Outcome.SUCCEEDED, time.time(), started_at=started)
+
+    def _write_traceback(self, item: Started, exc: BaseException) -> str | None:
+        """A failed callable's traceback is its attempt's output; returns its path."""
+        try:
+            output = self._log_path(item.run_id, item.attempt)
+            with open(files.create_private_file(output), "w", encoding="utf-8") as f:
+                f.write("".join(traceback.format_exception(exc)))
+        except (OSError, UnsafePathError) as error:
+            run, attempt = item.run_id, item.attempt
+            log.error("run %d attempt %d: cannot write the traceback: %s", run, attempt, error)
+            return None
+        return str(output)
 
     def _resolve(self, target: str) -> Callable[..., Any]:
         module_name, _, attr = target.partition(":")
@@ -337,26 +350,32 @@ class Executor:
         env["JOBD_RUN_ID"] = str(item.run_id)
         env["JOBD_ATTEMPT"] = str(item.attempt)
         env["JOBD_INSTANCE"] = self.instance
-        output = self._log_path(item.run_id, item.attempt)
         try:
-            with open(output, "wb") as out:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=spec.cwd,
-                    start_new_session=True,
-                    close_fds=True,
-                )
+            output = self._log_path(item.run_id, item.attempt)
+            out = files.create_private_file(output)
+        except (OSError, UnsafePathError) as exc:
+            message = f"cannot create the output file: {exc}"
+            log.error("run %d attempt %d: %s", *key, message)
+            return Result(item.run_id, item.attempt, Outcome.ERROR, time.time(), error=message)
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=spec.cwd,
+                start_new_session=True,
+                close_fds=True,
+                umask=self.child_umask,
+            )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"cannot start {argv[0]!r}: {exc.strerror or exc}"
             if isinstance(exc, FileNotFoundError) and spec.cwd and not os.path.isdir(spec.cwd):
                 message = f"cannot start: working directory {spec.cwd!r} does not exist"
             with contextlib.suppress(OSError):
-                output.write_text(f"jobd: {message}\n")
+                os.write(out, f"jobd: {message}\n".encode())
             return Result(
                 item.run_id,
                 item.attempt,
@@ -366,6 +385,8 @@ class Executor:
                 error=message,
                 output=str(output),
             )
+        finally:
+            os.close(out)
         with self._lock:
             self._procs[key] = proc.pid
             kill_now = key in self._kill_requested
@@ -410,10 +431,11 @@ class Executor:
         )
 
     def _log_path(self, run_id: int, attempt: int) -> Path:
+        """The attempt's output path; its shard directory checked once per daemon."""
         path = output_path(self.log_dir, run_id, attempt)
         shard = run_id // LOG_SHARD
         if shard not in self._shards:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            files.prepare_private_dir(path.parent, "log directory")
             self._shards.add(shard)
         return path
 

@@ -62,6 +62,7 @@ from typing import Any, ParamSpec, TypeVar, get_args
 
 import apsw
 
+from jobd import files
 from jobd.core.effects import (
     CancelRequested,
     Created,
@@ -229,7 +230,9 @@ class StateDirLock:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "jobd.lock"
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = files.open_private_file(self.path)
+            assert fd is not None  # created if missing
+            self._fd = fd
         except OSError as exc:
             raise JournalError(
                 f"cannot create the lock file {self.path}: {exc.strerror}",
@@ -277,6 +280,8 @@ class Journal:
         self._readers: list[apsw.Connection] = []  # every one opened, to close them
         self._readers_lock = threading.Lock()
         self._checkpointer: apsw.Connection | None = None
+        if path != ":memory:":
+            _make_private(Path(path))
         self._db = self._open_writer()
         self.instance = self._meta("instance")
 
@@ -625,6 +630,27 @@ class Journal:
                 self._checkpointer.close()
         with contextlib.suppress(apsw.Error):
             self._db.close()
+
+
+def _make_private(path: Path) -> None:
+    """Create the journal file ``0600`` before SQLite does, and tighten one
+    (and its ``-wal``/``-shm``) that is more open.
+
+    It holds every run's argv and environment. SQLite creates a new database
+    file ``0644`` (less the umask) and gives the ``-wal`` and ``-shm`` files
+    it creates the database file's own permission bits, whatever the umask:
+    so all three are private once the database file is."""
+    try:
+        wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+        for name, create in ((path, True), (wal, False), (shm, False)):
+            fd = files.open_private_file(name, create=create)
+            if fd is not None:
+                os.close(fd)
+    except OSError as exc:
+        raise JournalError(
+            f"cannot open the journal {path}: {exc.strerror}",
+            hint="check that the state directory exists and is writable by the daemon's user",
+        ) from exc
 
 
 def _run_with_attempts(db: apsw.Connection, run_id: int) -> dict[str, Any] | None:

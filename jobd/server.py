@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from jobd import __version__
+from jobd import __version__, files
 from jobd.config import AccessConfig, Config
 from jobd.core.model import Kind, State
 from jobd.errors import JobdError, JournalError, ProtocolError, RequestError
@@ -192,7 +192,9 @@ class Server:
         Called before the executor starts: the umask is process-wide."""
         path = self.config.socket
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            # Reachable by the socket's users (the daemon's umask is 077):
+            # the socket's own mode is what restricts access.
+            files.create_dirs(path.parent, 0o755)
         except OSError as exc:
             raise JobdError(
                 f"cannot create {path.parent}: {exc.strerror}",

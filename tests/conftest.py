@@ -184,7 +184,7 @@ def daemon_factory(workdir: Path) -> Iterator[type[DaemonProcess]]:
     class Factory(DaemonProcess):
         def __init__(self, extra: str = "", sub: str = "d", daemon_keys: str = "") -> None:
             directory = workdir / sub
-            directory.mkdir(exist_ok=True)
+            directory.mkdir(mode=0o700, exist_ok=True)  # jobd refuses one others can write
             super().__init__(directory, extra, daemon_keys)
             started.append(self)
 

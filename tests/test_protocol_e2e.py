@@ -199,7 +199,7 @@ def as_nobody(socket: Path, steps: list[tuple[str, dict[str, Any]]]) -> list[dic
 @pytest.fixture(scope="module")
 def module_daemon() -> Iterator[DaemonProcess]:
     root = Path(tempfile.mkdtemp(prefix="jobd-e", dir="/tmp"))
-    (root / "d").mkdir()
+    (root / "d").mkdir(mode=0o700)  # jobd refuses a state directory others can write
     d = DaemonProcess(root / "d")
     try:
         d.start()
