@@ -24,9 +24,18 @@ DEFAULT_CONFIG = "/etc/jobd/jobd.toml"
 DEFAULT_SOCKET_MODE = 0o660  # owner and the socket group may connect
 DEFAULT_SHUTDOWN_GRACE = 10.0  # seconds running attempts get to finish on SIGTERM
 DEFAULT_KILL_GRACE = 5.0  # seconds between kill_signal (TERM) and SIGKILL
-DEFAULT_MAX_CONNECTIONS = 256  # simultaneous client connections
+DEFAULT_MAX_CONNECTIONS = 256  # simultaneous client connections, all users together
+DEFAULT_MAX_CONNECTIONS_PER_UID = 32  # simultaneous connections of one non-admin uid
+DEFAULT_ADMIN_RESERVED = 16  # of max_connections, kept for admins: an operator always gets in
 DEFAULT_HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello before it is closed
-DEFAULT_MAX_INFLIGHT = 64  # requests being served at once on one connection
+DEFAULT_IDLE_TIMEOUT = 600.0  # seconds a connection may wait with no request in flight
+DEFAULT_SEND_TIMEOUT = 60.0  # seconds a client may leave a reply unread before it is dropped
+DEFAULT_MAX_INFLIGHT = 64  # requests accepted at once on one connection (more: busy)
+# Bytes of request lines one non-admin uid may have buffered (unfinished) or being
+# served, and all non-admins together; past that the daemon stops reading from
+# them until some are answered (a parsed request takes several times its size).
+DEFAULT_MAX_INPUT_PER_UID = 4 * 1024 * 1024
+DEFAULT_MAX_INPUT_TOTAL = 16 * 1024 * 1024
 DEFAULT_WORKERS = 4  # slots of a pool that does not say
 # Runs handed to a pool beyond its free workers, so that a worker finishing one
 # run finds the next already journaled as started instead of waiting for a
@@ -92,9 +101,15 @@ class Config:
     kill_grace: float = DEFAULT_KILL_GRACE
     max_line: int = DEFAULT_MAX_LINE
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_uid: int = DEFAULT_MAX_CONNECTIONS_PER_UID
+    admin_reserved_connections: int = DEFAULT_ADMIN_RESERVED
     max_inflight: int = DEFAULT_MAX_INFLIGHT
     max_batch: int = DEFAULT_MAX_BATCH
+    max_input_per_uid: int = DEFAULT_MAX_INPUT_PER_UID
+    max_input_total: int = DEFAULT_MAX_INPUT_TOTAL
     hello_timeout: float = DEFAULT_HELLO_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    send_timeout: float = DEFAULT_SEND_TIMEOUT
     pools: Mapping[str, PoolConfig] = field(default_factory=dict)
     access: AccessConfig = AccessConfig()
     demo: bool = False
@@ -260,7 +275,19 @@ def parse_config(
         c,
         limits,
         "limits",
-        {"max_line", "max_connections", "max_inflight", "max_batch", "hello_timeout"},
+        {
+            "max_line",
+            "max_connections",
+            "max_connections_per_uid",
+            "admin_reserved_connections",
+            "max_inflight",
+            "max_batch",
+            "max_input_per_uid",
+            "max_input_total",
+            "hello_timeout",
+            "idle_timeout",
+            "send_timeout",
+        },
     )
 
     pools: dict[str, PoolConfig] = {}
@@ -294,6 +321,7 @@ def parse_config(
     access = _table(c, data, "access")
     acc = _Section(c, access, "access")
     _unknown(c, access, "access", {"read", "submit", "admin"})
+    max_connections = lim.integer("max_connections", DEFAULT_MAX_CONNECTIONS)
     config = Config(
         state_dir=state_dir,
         socket=socket,
@@ -304,10 +332,23 @@ def parse_config(
         shutdown_grace=d.duration("shutdown_grace", DEFAULT_SHUTDOWN_GRACE),
         kill_grace=d.duration("kill_grace", DEFAULT_KILL_GRACE),
         max_line=lim.integer("max_line", DEFAULT_MAX_LINE, 1024),
-        max_connections=lim.integer("max_connections", DEFAULT_MAX_CONNECTIONS),
+        max_connections=max_connections,
+        max_connections_per_uid=lim.integer(
+            "max_connections_per_uid", DEFAULT_MAX_CONNECTIONS_PER_UID
+        ),
+        admin_reserved_connections=lim.integer(
+            "admin_reserved_connections",
+            # Unset, the reserve follows a small max_connections down.
+            min(DEFAULT_ADMIN_RESERVED, max_connections // 4),
+            minimum=0,
+        ),
         max_inflight=lim.integer("max_inflight", DEFAULT_MAX_INFLIGHT),
         max_batch=lim.integer("max_batch", DEFAULT_MAX_BATCH),
+        max_input_per_uid=lim.integer("max_input_per_uid", DEFAULT_MAX_INPUT_PER_UID, 1024),
+        max_input_total=lim.integer("max_input_total", DEFAULT_MAX_INPUT_TOTAL, 1024),
         hello_timeout=lim.duration("hello_timeout", DEFAULT_HELLO_TIMEOUT),
+        idle_timeout=lim.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT),
+        send_timeout=lim.duration("send_timeout", DEFAULT_SEND_TIMEOUT),
         pools=pools,
         access=AccessConfig(
             acc.names("read"),
@@ -317,12 +358,51 @@ def parse_config(
         demo=demo,
         source=source,
     )
+    _impossible(c, config)
     if c.problems:
         raise ConfigError(
             c.problems,
             hint="fix the keys above; jobd.toml.example documents every key with its default",
         )
     return config
+
+
+def _impossible(c: _Collector, config: Config) -> None:
+    """Combinations of valid values that cannot work: refused at start-up, not
+    discovered by the first user who trips over them."""
+    default = config.pools.get("default")
+    if default is not None and default.kind != "process":
+        c.add(
+            "pools.default.kind",
+            'the "default" pool runs plain command submissions: it must be of kind'
+            ' "process" (put Python callables in a pool of their own)',
+        )
+    if config.admin_reserved_connections >= config.max_connections:
+        c.add(
+            "limits.admin_reserved_connections",
+            f"{config.admin_reserved_connections} reserved of {config.max_connections}"
+            " connections leaves none for anyone else: keep it below limits.max_connections",
+        )
+    if config.max_input_per_uid < config.max_line:
+        c.add(
+            "limits.max_input_per_uid",
+            f"{config.max_input_per_uid} bytes cannot hold one line of limits.max_line"
+            f" ({config.max_line}): make it at least max_line",
+        )
+    if config.max_input_total < config.max_input_per_uid:
+        c.add(
+            "limits.max_input_total",
+            f"{config.max_input_total} bytes is less than one user's"
+            f" limits.max_input_per_uid ({config.max_input_per_uid})",
+        )
+    if config.idle_timeout <= 0 or config.send_timeout <= 0 or config.hello_timeout <= 0:
+        c.add("limits", "hello_timeout, idle_timeout and send_timeout must be more than 0")
+    if config.log_dir == config.state_dir:
+        c.add(
+            "daemon.log_dir",
+            "must not be the state directory itself (output files would sit beside the"
+            " journal): use a subdirectory, such as the default state_dir/logs",
+        )
 
 
 def _group_exists(name: str) -> bool:

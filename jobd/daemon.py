@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -672,7 +673,10 @@ class Daemon:
                 "healthy": w.healthy,
                 "last_error": w.last_error,
                 "stopping": self.stopping,
+                # Interrupted runs whose leftover processes are being killed.
+                "fenced": len(self.scheduler.fenced),
             },
+            "server": dataclasses.asdict(self.server.statistics()),
             "pools": [
                 {
                     "name": p.name,

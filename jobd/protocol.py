@@ -26,7 +26,9 @@ from jobd.core.model import Kind, NewRun, Spec, priority_value
 from jobd.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
-DEFAULT_MAX_LINE = 4 * 1024 * 1024  # bytes per message line, both directions
+# Bytes per message line, both directions: 10,000 plain submissions fit; a
+# parsed line takes several times its size in memory, so more is not free.
+DEFAULT_MAX_LINE = 1024 * 1024
 DEFAULT_MAX_BATCH = 10_000  # runs per submit request
 DEFAULT_LIST_LIMIT = 100  # runs per list page
 MAX_LIST_LIMIT = 1_000  # runs per list page, upper bound
@@ -45,7 +47,8 @@ class ErrorCode(enum.StrEnum):
     INVALID_PARAMS = "invalid_params"
     NOT_FOUND = "not_found"
     FORBIDDEN = "forbidden"
-    BUSY = "busy"  # too many requests in flight on this connection
+    BUSY = "busy"  # too many requests in flight on this connection, or connections
+    IDLE = "idle"  # the connection had nothing in flight for limits.idle_timeout: closed
     SHUTTING_DOWN = "shutting_down"
     UNAVAILABLE = "unavailable"  # the journal cannot commit (disk full, I/O error)
     INTERNAL = "internal"

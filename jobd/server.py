@@ -5,12 +5,12 @@ A connection is served by one reader task. Requests after ``hello`` run
 concurrently (up to ``max_inflight`` per connection) and reply in any order.
 A client that disconnects mid-request does not disturb anything: state
 changes already handed to the daemon are committed, the reply is dropped,
-and long-polls (``wait``, ``logs --follow``) are cancelled.
+and everything else it asked for stops.
 
-Memory per connection is bounded: at most ``max_inflight`` requests are
-being answered, and while more than ``max_line`` bytes of replies wait for a
-client that does not read them, the reader stops reading its requests
-(backpressure through the socket, instead of an ever-growing reply queue).
+The limits that keep one request, connection or user from stopping, slowing
+down or exhausting the daemon for the others (connection slots per uid and
+for admins, idle and send timeouts, input and reply memory, fairness between
+connections) are in ``jobd.connections``, with the reasons.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pwd
 import socket as stdsocket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,17 @@ import trio
 
 from jobd import __version__, files
 from jobd.config import AccessConfig, Config
+from jobd.connections import (
+    MAX_LINGERING,
+    RECEIVE_CHUNK,
+    REFUSAL_LINGER_BYTES,
+    REFUSAL_LINGER_SECONDS,
+    Connection,
+    InputBudget,
+    Peer,
+    Slots,
+    error_line,
+)
 from jobd.core.model import Kind, State
 from jobd.errors import JobdError, JournalError, ProtocolError, RequestError
 from jobd.protocol import (
@@ -60,17 +71,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobd.server")
 
-RECEIVE_CHUNK = 65536  # bytes read from a client socket at a time
-LINGER_SECONDS = 5.0  # seconds spent reading and discarding input after a fatal error
-LINGER_BYTES = 64 * 1024 * 1024  # bytes discarded at most after a fatal error
 LIST_REPLY_OVERHEAD = 256  # bytes of a list reply besides its runs (id, cursor, framing)
+ROLE_CACHE_SECONDS = 60.0  # seconds a uid's role (from passwd and group lookups) is reused
+LINES_PER_TURN = 64  # request lines parsed before the reader lets other tasks run
+# Methods that change state: once received they are carried out even if their
+# client goes away (their reply is dropped); everything else stops with it.
+CHANGES = frozenset({"submit", "cancel"})
 
 
 @dataclass(frozen=True, slots=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
+class ServerStatistics:
+    connections: int
+    requests_in_flight: int  # being answered, all connections together
+    streams: int  # logs requests sending output
+    input_bytes: int  # request bytes of non-admins buffered or being served
+    refused_connections: int  # since start: over a connection limit
+
+
+@dataclass(frozen=True, slots=True)
+class Nurseries:
+    """Where a connection's requests run: changes are never cancelled; reads stop
+    when the client is gone; long polls also when it half-closes."""
+
+    changes: trio.Nursery
+    reads: trio.Nursery
+    polls: trio.Nursery
 
 
 def peer_credentials(sock: trio.socket.SocketType) -> Peer:
@@ -80,13 +105,31 @@ def peer_credentials(sock: trio.socket.SocketType) -> Peer:
 
 
 class Access:
-    """Maps a uid to its role from ``[access]``. Root and the daemon's uid are admins."""
+    """Maps a uid to its role from ``[access]``. Root and the daemon's uid are admins.
+
+    Passwd and group lookups can block (NSS may ask the network): they run in
+    a thread, and their answer is reused for ROLE_CACHE_SECONDS."""
 
     def __init__(self, config: AccessConfig) -> None:
         self.config = config
         self.daemon_uid = os.getuid()
+        self._cache: dict[tuple[int, int], tuple[float, Role]] = {}
+
+    async def role(self, uid: int, gid: int) -> Role:
+        if uid in (0, self.daemon_uid):
+            return Role.ADMIN
+        now = trio.current_time()
+        cached = self._cache.get((uid, gid))
+        if cached is not None and now - cached[0] < ROLE_CACHE_SECONDS:
+            return cached[1]
+        role = await trio.to_thread.run_sync(self.role_for, uid, gid)
+        if len(self._cache) > 10_000:
+            self._cache.clear()  # bounded: uids are few on a host, but not trusted
+        self._cache[(uid, gid)] = (now, role)
+        return role
 
     def role_for(self, uid: int, gid: int) -> Role:
+        """Blocking: looks the user and its groups up."""
         if uid in (0, self.daemon_uid):
             return Role.ADMIN
         try:
@@ -105,73 +148,6 @@ class Access:
         return Role.NONE
 
 
-@dataclass(eq=False)
-class Connection:
-    stream: trio.SocketStream
-    peer: Peer
-    role: Role
-    hello: bool = False
-    inflight: int = 0
-    unsent: int = 0  # bytes of replies computed but not yet written
-    sent: trio.Event = field(default_factory=trio.Event)  # set (and replaced) per reply written
-    send_lock: trio.Lock = field(default_factory=trio.Lock)
-    closed: bool = False
-
-    async def send(self, message: dict[str, Any]) -> None:
-        await self.send_line(encode(message))
-
-    async def send_line(self, line: bytes) -> None:
-        if self.closed:
-            return
-        try:
-            async with self.send_lock:
-                if not self.closed:  # it may have closed while this waited for the lock
-                    await self.stream.send_all(line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.closed = True  # the client went away; nothing to do
-
-    async def reply(self, line: bytes) -> None:
-        """Send a computed reply, accounted in ``unsent`` until it is written."""
-        self.unsent += len(line)
-        try:
-            await self.send_line(line)
-        finally:
-            self.unsent -= len(line)
-            self.sent.set()
-            self.sent = trio.Event()
-
-    async def room_to_read(self, limit: int) -> None:
-        """Wait while more than ``limit`` bytes of replies wait for the client."""
-        while self.unsent > limit and not self.closed:
-            await self.sent.wait()
-
-    async def error(self, request_id: Any, exc: ProtocolError) -> None:
-        await self.send_line(_error_line(request_id, exc))
-
-    async def fatal(self, exc: ProtocolError) -> None:
-        """Send an error after which the connection is closed, and make sure it arrives.
-
-        The client may still be writing the rest of an oversized line: closing
-        with unread input would reset the connection and destroy the error
-        before the client reads it. So: send, shut our side, then read and
-        discard (for a bounded time and size) until the client closes."""
-        await self.error(exc.request_id, exc)
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            # Under the send lock like every send: replies queued behind the
-            # error must not write while the stream shuts down (trio refuses
-            # two senders at once), and after it nothing more is sent.
-            async with self.send_lock:
-                self.closed = True
-                await self.stream.send_eof()
-            with trio.move_on_after(LINGER_SECONDS):
-                discarded = 0
-                while discarded < LINGER_BYTES:
-                    data = await self.stream.receive_some(RECEIVE_CHUNK)
-                    if not data:
-                        break
-                    discarded += len(data)
-
-
 Handler = Callable[["Server", Connection, dict[str, Any], Request], Awaitable[Any]]
 
 
@@ -180,7 +156,13 @@ class Server:
         self.config = config
         self.daemon = daemon
         self.access = Access(config.access)
-        self.connections = 0
+        self.slots = Slots(
+            config.max_connections,
+            config.max_connections_per_uid,
+            config.admin_reserved_connections,
+        )
+        self.budget = InputBudget(config.max_input_per_uid, config.max_input_total)
+        self._inflight = self._streams = self._refused = 0
         self._accept_scope = trio.CancelScope()
         self.bound = False  # whether the socket file is ours to remove
 
@@ -244,6 +226,11 @@ class Server:
                     self._serve_connection, [listener], handler_nursery=handlers
                 )
 
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            self.slots.used, self._inflight, self._streams, self.budget.used, self._refused
+        )
+
     def stop_accepting(self) -> None:
         """Close the listening socket; connections already open are still served."""
         self._accept_scope.cancel()
@@ -253,105 +240,178 @@ class Server:
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         try:
             peer = peer_credentials(stream.socket)
+            role = await self.access.role(peer.uid, peer.gid)
         except OSError:
             await stream.aclose()
             return
-        conn = Connection(stream, peer, self.access.role_for(peer.uid, peer.gid))
-        self.connections += 1
-        try:
-            if self.connections > self.config.max_connections:
-                await conn.error(
-                    None,
-                    ProtocolError(
-                        ErrorCode.BUSY,
-                        f"too many connections (limit {self.config.max_connections})",
-                        hint="close idle clients, or raise limits.max_connections",
-                    ),
-                )
-                return
-            async with trio.open_nursery() as requests, trio.open_nursery() as polls:
-                await self._read_requests(conn, requests, polls)
-                polls.cancel_scope.cancel()  # nobody is left to hear a long-poll's answer
-        except* Exception:
-            # A bug in serving one connection closes that connection, never the
-            # daemon: the other clients and every run go on. (except*: the error
-            # may come in a group with trio.Cancelled, which goes on up.)
-            log.exception("internal error serving a connection of uid %d; closing it", peer.uid)
-        finally:
-            self.connections -= 1
-            conn.closed = True
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.aclose()
+        refusal = self.slots.refusal(peer.uid, role)
+        if refusal is not None:
+            self._refused += 1
+            await self._refuse(Connection(stream, peer, role, REFUSAL_LINGER_SECONDS), refusal)
+            return
+        conn = Connection(stream, peer, role, self.config.send_timeout)
+        with self.slots.held(peer.uid):
+            try:
+                async with (
+                    trio.open_nursery() as changes,
+                    trio.open_nursery() as reads,
+                    trio.open_nursery() as polls,
+                ):
+                    conn.cancellable = (reads.cancel_scope, polls.cancel_scope)
+                    await self._read_requests(conn, Nurseries(changes, reads, polls))
+                    polls.cancel_scope.cancel()  # nobody is left to hear a long-poll
+            except* Exception:
+                # A bug in serving one connection closes that connection, never the
+                # daemon: the other clients and every run go on. (except*: the error
+                # may come in a group with trio.Cancelled, which goes on up.)
+                log.exception("internal error serving a connection of uid %d; closing it", peer.uid)
+            finally:
+                conn.closed = True
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.aclose()
 
-    async def _read_requests(
-        self, conn: Connection, requests: trio.Nursery, polls: trio.Nursery
-    ) -> None:
+    async def _refuse(self, conn: Connection, exc: ProtocolError) -> None:
+        """Deliver a refusal, then close: read what the client sent meanwhile (its
+        hello, usually), so that the close does not reset the connection and
+        destroy the error. Under a flood of refusals, only so many are drained."""
+        try:
+            if self.slots.lingering >= MAX_LINGERING:
+                with trio.move_on_after(REFUSAL_LINGER_SECONDS):
+                    await conn.error(None, exc)
+                return
+            self.slots.lingering += 1
+            try:
+                await conn.fatal(
+                    exc, linger=REFUSAL_LINGER_SECONDS, linger_bytes=REFUSAL_LINGER_BYTES
+                )
+            finally:
+                self.slots.lingering -= 1
+        finally:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await conn.stream.aclose()
+
+    async def _read_requests(self, conn: Connection, nurseries: Nurseries) -> None:
+        budget_uid = None if conn.role >= Role.ADMIN else conn.peer.uid  # admins: uncounted
         buffer = LineBuffer(self.config.max_line)
-        # A connection that never says hello would hold one of max_connections
-        # slots for ever: it gets hello_timeout to do so.
-        hello_deadline = trio.CancelScope(deadline=trio.current_time() + self.config.hello_timeout)
-        with hello_deadline:
-            while True:
-                await conn.room_to_read(self.config.max_line)
+        try:
+            await self._read_lines(conn, nurseries, buffer, budget_uid)
+        finally:
+            if budget_uid is not None:
+                self.budget.charge(budget_uid, -conn.buffered)
+                conn.buffered = 0
+
+    async def _read_lines(
+        self,
+        conn: Connection,
+        nurseries: Nurseries,
+        buffer: LineBuffer,
+        budget_uid: int | None,
+    ) -> None:
+        c = self.config
+        # A connection that never says hello would hold a slot for ever: it gets
+        # hello_timeout to do so; after that, idle_timeout with nothing in flight.
+        hello_deadline = trio.current_time() + c.hello_timeout
+        while not conn.closed:
+            await conn.room_to_read(c.max_line)
+            if budget_uid is not None:
+                await self.budget.room(budget_uid)
+            if not conn.hello:
+                deadline = hello_deadline
+            elif conn.inflight:
+                deadline = math.inf
+            else:
+                deadline = conn.idle_since + c.idle_timeout
+            receiving = conn.receiving = trio.CancelScope(deadline=deadline)
+            data = None
+            with receiving:
                 try:
                     data = await conn.stream.receive_some(RECEIVE_CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return
-                if not data:
-                    if buffer.rest.strip():
-                        await conn.error(
-                            None,
-                            ProtocolError(
-                                ErrorCode.INVALID_REQUEST,
-                                "the connection ended inside a line: a request must end"
-                                " with a newline",
-                            ),
-                        )
-                    return
+            conn.receiving = None
+            if data is None:  # the deadline passed
+                await self._timed_out(conn)
+                return
+            if not data:
+                if buffer.rest.strip():
+                    await conn.error(
+                        None,
+                        ProtocolError(
+                            ErrorCode.INVALID_REQUEST,
+                            "the connection ended inside a line: a request must end with a newline",
+                        ),
+                    )
+                return
+            try:
+                lines = buffer.feed(data)
+            except ProtocolError as exc:
+                await conn.fatal(exc)
+                return
+            if budget_uid is not None:
+                self.budget.charge(budget_uid, buffer.pending - conn.buffered)
+                conn.buffered = buffer.pending
+            for n, line in enumerate(lines):
+                if n and n % LINES_PER_TURN == 0:
+                    await trio.lowlevel.checkpoint()  # a pipelining client shares the loop
+                if not line.strip():
+                    continue
                 try:
-                    lines = buffer.feed(data)
+                    request = parse_request(line)
                 except ProtocolError as exc:
-                    await conn.fatal(exc)
-                    return
-                for line in lines:
-                    if not line.strip():
-                        continue
-                    try:
-                        request = parse_request(line)
-                    except ProtocolError as exc:
-                        if exc.code == ErrorCode.INVALID_JSON:
-                            await conn.fatal(exc)  # garbage: the stream cannot be trusted
-                            return
-                        await conn.error(exc.request_id, exc)
-                        continue
-                    if not conn.hello or request.method == "hello":  # hello has no handler
-                        await self._hello(conn, request)
-                        if conn.hello:
-                            hello_deadline.deadline = math.inf
-                        continue
-                    if conn.inflight >= self.config.max_inflight:
-                        await conn.error(
-                            request.id,
-                            ProtocolError(
-                                ErrorCode.BUSY,
-                                f"more than {self.config.max_inflight} requests in"
-                                " flight on this connection",
-                                hint="wait for replies before sending more",
-                            ),
-                        )
-                        continue
-                    conn.inflight += 1
-                    nursery = polls if _is_long_poll(request) else requests
-                    nursery.start_soon(self._dispatch, conn, request)
-        if hello_deadline.cancelled_caught:
-            await conn.error(
-                None,
-                ProtocolError(
-                    ErrorCode.HELLO_REQUIRED,
-                    f"no hello within {self.config.hello_timeout:g}s: closing the connection",
-                    hint="send hello first (docs/protocol.md)",
-                ),
+                    if exc.code == ErrorCode.INVALID_JSON:
+                        await conn.fatal(exc)  # garbage: the stream cannot be trusted
+                        return
+                    await conn.error(exc.request_id, exc)
+                    continue
+                if not conn.hello or request.method == "hello":  # hello has no handler
+                    if conn.closed:
+                        return
+                    await self._hello(conn, request)
+                    if conn.hello and conn.role is Role.NONE:
+                        await conn.fatal(_no_role(conn.peer.uid), linger=REFUSAL_LINGER_SECONDS)
+                        return
+                    continue
+                if conn.inflight >= c.max_inflight:
+                    await conn.error(
+                        request.id,
+                        ProtocolError(
+                            ErrorCode.BUSY,
+                            f"more than {c.max_inflight} requests in flight on this connection",
+                            hint="wait for replies before sending more",
+                        ),
+                    )
+                    continue
+                if request.method in CHANGES:
+                    # Once received, a change is made even if its client has gone.
+                    nursery = nurseries.changes
+                elif conn.closed:
+                    continue  # nobody is left to read the answer
+                elif _is_long_poll(request):
+                    nursery = nurseries.polls
+                else:
+                    nursery = nurseries.reads
+                conn.started()
+                if nursery is nurseries.polls:
+                    # Long polls mostly wait, holding little: not counted while served.
+                    nursery.start_soon(self._dispatch, conn, request, None, 0)
+                else:
+                    nursery.start_soon(self._dispatch, conn, request, budget_uid, len(line))
+
+    async def _timed_out(self, conn: Connection) -> None:
+        if not conn.hello:
+            exc = ProtocolError(
+                ErrorCode.HELLO_REQUIRED,
+                f"no hello within {self.config.hello_timeout:g}s: closing the connection",
+                hint="send hello first (docs/protocol.md)",
             )
+        else:
+            exc = ProtocolError(
+                ErrorCode.IDLE,
+                f"no request for {self.config.idle_timeout:g}s: closing the idle connection",
+                hint="reconnect; nothing sent after this error was read"
+                " (limits.idle_timeout sets the time)",
+            )
+        await conn.fatal(exc, linger=REFUSAL_LINGER_SECONDS, linger_bytes=REFUSAL_LINGER_BYTES)
 
     async def _hello(self, conn: Connection, request: Request) -> None:
         if request.method != "hello":
@@ -398,11 +458,32 @@ class Server:
             }
         )
 
-    async def _dispatch(self, conn: Connection, request: Request) -> None:
+    async def _dispatch(
+        self, conn: Connection, request: Request, budget_uid: int | None, size: int
+    ) -> None:
+        """Answer one request, in its turn: a connection computes REQUESTS_AT_ONCE
+        replies at a time (long polls, which mostly wait, and log streams, which
+        have their own STREAMS_AT_ONCE, do not take a turn)."""
+        self._inflight += 1
         try:
-            line = await self._answer(conn, request)
+            with self.budget.serving(budget_uid, size):
+                if request.method == "logs":
+                    async with conn.streams:
+                        self._streams += 1
+                        try:
+                            line = await self._answer(conn, request)
+                        finally:
+                            self._streams -= 1
+                elif _is_long_poll(request):
+                    line = await self._answer(conn, request)
+                else:
+                    async with conn.work:
+                        line = await self._answer(conn, request)
         finally:
-            conn.inflight -= 1  # free the slot before the client can see the answer
+            self._inflight -= 1
+            # Free the slot before the client can see the answer: a client that
+            # keeps max_inflight requests in flight is never told busy.
+            conn.finished(self.config.idle_timeout)
         await conn.reply(line)
 
     async def _answer(self, conn: Connection, request: Request) -> bytes:
@@ -422,14 +503,14 @@ class Server:
             result = await handler(self, conn, request.params, request)
             return encode({"id": request.id, "result": result})
         except ProtocolError as exc:
-            return _error_line(request.id, exc)
+            return error_line(request.id, exc)
         except JournalError as exc:
-            return _error_line(
+            return error_line(
                 request.id, ProtocolError(ErrorCode.UNAVAILABLE, exc.message, hint=exc.hint)
             )
         except Exception:
             log.exception("internal error serving %s", request.method)
-            return _error_line(
+            return error_line(
                 request.id,
                 ProtocolError(
                     ErrorCode.INTERNAL,
@@ -596,11 +677,12 @@ def _is_long_poll(request: Request) -> bool:
     )
 
 
-def _error_line(request_id: Any, exc: ProtocolError) -> bytes:
-    err: dict[str, Any] = {"code": exc.code, "message": exc.message}
-    if exc.hint:
-        err["hint"] = exc.hint
-    return encode({"id": request_id, "error": err})
+def _no_role(uid: int) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.FORBIDDEN,
+        f"uid {uid} has no role on this daemon: closing the connection",
+        hint="an admin can grant roles in the [access] table of jobd.toml",
+    )
 
 
 def _forbidden(message: str, hint: str | None = None) -> RequestError:

@@ -630,7 +630,7 @@ def test_forbidden_names_the_uid(daemon: DaemonProcess) -> None:
         for args in (["ls"], ["--json", "show", "1"])
     ]
     human, as_json_ = (finish(proc) for proc in procs)
-    one_line_error(human, EXIT_UNREACHABLE, "list needs the read role")
+    one_line_error(human, EXIT_UNREACHABLE, "uid 65534 has no role on this daemon")
     assert "  hint: you are uid 65534 (nobody); an admin can grant roles" in human.stderr
     error = json_error(as_json_, EXIT_UNREACHABLE, "forbidden")
     assert error["hint"].startswith("you are uid 65534 (nobody); ")

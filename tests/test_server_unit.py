@@ -10,14 +10,14 @@ import trio.testing
 
 from jobd.errors import ProtocolError
 from jobd.protocol import ErrorCode, Role
-from jobd.server import Connection, Peer
+from jobd.connections import Connection, Peer
 
 
 async def test_a_client_that_does_not_read_stops_the_reading_of_its_requests() -> None:
     # lockstep streams: send_all returns only when the peer has received the bytes,
     # like a full socket buffer of a client that does not read.
     server_end, client_end = trio.testing.lockstep_stream_pair()
-    conn = Connection(server_end, Peer(1, 1000, 1000), Role.READ)
+    conn = Connection(server_end, Peer(1, 1000, 1000), Role.READ, 60.0)
     may_read = False
 
     async def reader() -> None:
@@ -51,7 +51,7 @@ async def test_a_reply_queued_behind_a_fatal_error_never_races_the_shutdown() ->
             a.send(b"x" * 65536)
     server_end = trio.SocketStream(trio.socket.from_stdlib_socket(a))
     client_end = trio.SocketStream(trio.socket.from_stdlib_socket(b))
-    conn = Connection(server_end, Peer(1, 1000, 1000), Role.READ)
+    conn = Connection(server_end, Peer(1, 1000, 1000), Role.READ, 60.0)
     error = ProtocolError(ErrorCode.INVALID_JSON, "not valid JSON")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(conn.fatal, error)
