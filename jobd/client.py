@@ -17,6 +17,7 @@ and wakes the others. So it needs no nursery and ``async with`` is all it takes.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import itertools
 import json
 import os
@@ -372,10 +373,13 @@ class Client:
     ) -> None:
         self.path = os.fspath(path) if path is not None else default_socket_path()
         self.timeout = timeout
+        self._connect()
+
+    def _connect(self) -> None:
         self._session = _Session(self.path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.settimeout(timeout)
+            self._sock.settimeout(self.timeout)
             try:
                 self._sock.connect(self.path)
             except OSError as exc:
@@ -495,6 +499,18 @@ class Client:
     # -- moving bytes
 
     def _call(self, method: str, params: Json, timeout: float | None) -> Any:
+        try:
+            return self._call_once(method, params, timeout)
+        except RemoteError as exc:
+            if exc.code != "idle":
+                raise
+        # The daemon closed the connection for idleness and read nothing after
+        # saying so: the request was not seen, and is sent again on a new one.
+        self._sock.close()
+        self._connect()
+        return self._call_once(method, params, timeout)
+
+    def _call_once(self, method: str, params: Json, timeout: float | None) -> Any:
         rid = self._send(method, params)
         try:
             while not (reply := self._reply((rid,), timeout)).final:
@@ -511,8 +527,17 @@ class Client:
         except OSError as exc:
             # Part of the line may be on the wire: nothing more can be sent after it.
             self._session.forget(rid)
+            self._read_what_is_left()  # the daemon may have said why it closed
             raise self._session.fail(_lost(self.path, exc)) from exc
         return rid
+
+    def _read_what_is_left(self) -> None:
+        """File whatever the daemon sent before it closed (an ``idle`` error, say)."""
+        with contextlib.suppress(OSError):
+            self._sock.setblocking(False)
+            while data := self._sock.recv(RECV_SIZE):
+                self._session.receive(data)
+            self._session.receive(b"")
 
     def _reply(self, rids: Collection[int], timeout: float | None) -> _Reply:
         while (reply := self._session.next_reply(rids)) is None:

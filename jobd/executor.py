@@ -35,7 +35,7 @@ import trio
 from jobd import context, faults, files
 from jobd.config import PoolConfig
 from jobd.core.effects import KillLeftovers, Started
-from jobd.core.model import Kind, Outcome, Result
+from jobd.core.model import ERROR_TEXT_LIMIT, Kind, Outcome, Result, clean_text
 from jobd.core.scheduler import ProcessStarted
 from jobd.errors import UnsafePathError
 
@@ -268,7 +268,7 @@ class Executor:
                     item.attempt,
                     Outcome.ERROR,
                     time.time(),
-                    error=f"internal executor error: {exc!r}",
+                    error=clean_text(f"internal executor error: {exc!r}", ERROR_TEXT_LIMIT),
                 )
             self._hand_back(result)
 
@@ -300,7 +300,9 @@ class Executor:
                 item.attempt,
                 Outcome.ERROR,
                 time.time(),
-                error=f"cannot import {spec.call}: {type(exc).__name__}: {exc}",
+                error=clean_text(
+                    f"cannot import {spec.call}: {type(exc).__name__}: {exc}", ERROR_TEXT_LIMIT
+                ),
                 started_at=started,
             )
         context._set(context.RunContext(item.run_id, item.attempt, item.pool))
@@ -312,7 +314,7 @@ class Executor:
                 item.attempt,
                 Outcome.FAILED,
                 time.time(),
-                error=f"{type(exc).__name__}: {exc}",
+                error=clean_text(f"{type(exc).__name__}: {exc}", ERROR_TEXT_LIMIT),
                 output=self._write_traceback(item, exc),
                 started_at=started,
             )
@@ -324,7 +326,8 @@ class Executor:
         """A failed callable's traceback is its attempt's output; returns its path."""
         try:
             output = self._log_path(item.run_id, item.attempt)
-            with open(files.create_private_file(output), "w", encoding="utf-8") as f:
+            fd = files.create_private_file(output)
+            with open(fd, "w", encoding="utf-8", errors="backslashreplace") as f:
                 f.write("".join(traceback.format_exception(exc)))
         except (OSError, UnsafePathError) as error:
             run, attempt = item.run_id, item.attempt

@@ -76,7 +76,7 @@ from jobd.core.effects import (
     StateChanged,
     Withdrawn,
 )
-from jobd.core.model import ACTIVE, TERMINAL, Run, Spec, State
+from jobd.core.model import ACTIVE, TERMINAL, Run, Spec, State, clean_text
 from jobd.errors import (
     JournalDamagedError,
     JournalDataError,
@@ -992,20 +992,6 @@ def _classified(exc: Exception) -> JournalError:
 def _reason(exc: BaseException) -> str:
     """An exception as text that can itself be journaled (it may quote bad data)."""
     return clean_text(f"{type(exc).__name__}: {exc}", REASON_MAX)
-
-
-def clean_text(text: str, limit: int | None = None) -> str:
-    """``text`` as valid Unicode (lone surrogates replaced), at most ``limit`` characters."""
-    if limit is not None and len(text) > limit:
-        text = text[: limit - 1] + "…"
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        text = _LONE_SURROGATE_RE.sub("\ufffd", text)
-    return text
-
-
-_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def _ids(runs: Sequence[int]) -> str:

@@ -478,3 +478,24 @@ def test_unsendable_parameters_are_a_client_error(client: Client, fields: dict[s
         client.submit(**fields)
     assert not isinstance(info.value, RemoteError)
     assert client.stats()["daemon"]["healthy"]  # nothing was sent: the connection is fine
+
+
+def test_a_connection_closed_for_idleness_is_reopened_transparently(
+    daemon_factory: type[DaemonProcess],
+) -> None:
+    """The daemon closes a connection idle for limits.idle_timeout after an ``idle``
+    error, reading nothing after it: the sync client reconnects and sends again."""
+    d = daemon_factory('[limits]\nidle_timeout = "1s"\n')
+    d.start()
+    with Client(d.socket, timeout=30) as client:
+        first = client.stats()["server"]["refused_connections"]
+        # Wait until the daemon has closed the idle connection (a second one, busy
+        # asking, sees the count of connections drop to its own).
+        with Client(d.socket, timeout=30) as watcher:
+            wait_for(
+                lambda: watcher.stats()["server"]["connections"] == 1,
+                "the idle connection to be closed",
+            )
+        assert client.stats()["server"]["refused_connections"] == first  # reconnected
+        run_id = client.submit(command=["true"])
+        assert client.wait([run_id])["runs"][0]["state"] == "succeeded"

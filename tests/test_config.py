@@ -290,3 +290,48 @@ def test_dev_config_in_a_too_deep_directory_says_what_to_do(tmp_path: Path) -> N
         dev_config(deep)
     assert "daemon.socket" in info.value.problems[0]
     assert info.value.hint is not None and "--config" in info.value.hint
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "words"),
+    [
+        ({"pools": {"default": {"kind": "thread"}}}, "pools.default.kind", "process"),
+        (
+            {"limits": {"max_connections": 10, "admin_reserved_connections": 10}},
+            "limits.admin_reserved_connections",
+            "leaves none",
+        ),
+        (
+            {"limits": {"max_line": 2_000_000, "max_input_per_uid": 1_000_000}},
+            "limits.max_input_per_uid",
+            "max_line",
+        ),
+        (
+            {"limits": {"max_input_per_uid": 8_000_000, "max_input_total": 4_000_000}},
+            "limits.max_input_total",
+            "max_input_per_uid",
+        ),
+        ({"limits": {"idle_timeout": 0}}, "limits", "more than 0"),
+        ({"daemon": {"state_dir": "/srv/x", "log_dir": "/srv/x"}}, "daemon.log_dir", "state"),
+    ],
+    ids=["thread-default", "reserve-all", "budget-under-line", "total-under-uid", "idle-0", "logs"],
+)
+def test_configuration_that_cannot_work_is_refused(
+    data: dict[str, Any], key: str, words: str
+) -> None:
+    (problem,) = problems(data)
+    assert f"jobd.toml: {key}" in problem and words in problem, problem
+
+
+def test_connection_limits_have_defaults_and_a_reserve_that_follows_a_small_total() -> None:
+    config = parse_config({}, source="t", base=BASE)
+    assert (config.max_connections, config.admin_reserved_connections) == (256, 16)
+    assert config.max_connections_per_uid == 32
+    assert config.max_line == 1024 * 1024
+    assert config.max_input_per_uid >= config.max_line
+    small = parse_config({"limits": {"max_connections": 8}}, source="t", base=BASE)
+    assert small.admin_reserved_connections == 2
+    timeouts = parse_config(
+        {"limits": {"idle_timeout": "2m", "send_timeout": "30s"}}, source="t", base=BASE
+    )
+    assert (timeouts.idle_timeout, timeouts.send_timeout) == (120.0, 30.0)

@@ -8,9 +8,9 @@ import socket
 import trio
 import trio.testing
 
+from jobd.connections import Connection, Peer
 from jobd.errors import ProtocolError
 from jobd.protocol import ErrorCode, Role
-from jobd.connections import Connection, Peer
 
 
 async def test_a_client_that_does_not_read_stops_the_reading_of_its_requests() -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+ERROR_TEXT_LIMIT = 4000  # characters of an attempt's error text (a callable's message)
 
 
 class State(enum.StrEnum):
@@ -184,3 +187,21 @@ class Result:
     error: str | None = None
     output: str | None = None  # path of the captured output, if any
     started_at: float | None = None  # when a worker really began (may be after Started.at)
+
+
+def clean_text(text: str, limit: int | None = None) -> str:
+    """``text`` as valid Unicode (lone surrogates replaced), at most ``limit`` characters.
+
+    For text that enters from outside the protocol (a callable's exception, an
+    OS error, a row an earlier version wrote): whatever reaches the journal or
+    a reply must be encodable, and one run's message must not be megabytes."""
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = _LONE_SURROGATE_RE.sub("\ufffd", text)
+    return text
+
+
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
