@@ -131,7 +131,10 @@ class LineBuffer:
                 raise _too_large(self.max_line)
             lines.append(bytes(self._buf[start:end]))
             start = end + 1
-        del self._buf[:start]
+        if start and start == len(self._buf):
+            self._buf = bytearray()  # let a large buffer go once its lines are taken
+        else:
+            del self._buf[:start]
         if len(self._buf) > self.max_line:
             raise _too_large(self.max_line)
         return lines

@@ -312,18 +312,20 @@ class Server:
         # hello_timeout to do so; after that, idle_timeout with nothing in flight.
         hello_deadline = trio.current_time() + c.hello_timeout
         while not conn.closed:
-            await conn.room_to_read(c.max_line)
-            if budget_uid is not None:
-                await self.budget.room(budget_uid)
             if not conn.hello:
                 deadline = hello_deadline
             elif conn.inflight:
                 deadline = math.inf
             else:
                 deadline = conn.idle_since + c.idle_timeout
+            # The deadline also bounds the waits for room: a connection stalled by
+            # its user's budget with nothing in flight is idle like any other.
             receiving = conn.receiving = trio.CancelScope(deadline=deadline)
             data = None
             with receiving:
+                await conn.room_to_read(c.max_line)
+                if budget_uid is not None:
+                    await self.budget.room(budget_uid)
                 try:
                     data = await conn.stream.receive_some(RECEIVE_CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
