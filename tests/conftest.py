@@ -24,7 +24,32 @@ from typing import Any
 import pytest
 
 READY_DEADLINE = 30.0  # seconds a daemon may take to start answering (CI machines are slow)
-JOBD = [sys.executable, "-m", "jobd.daemon"]
+ROOT = Path(__file__).resolve().parent.parent  # the project whose code is under test
+
+# Python children run like `python -m MODULE`, but first set the disposition of the
+# signals tests send them. A shell without job control starts a background command
+# (`make test &`, nohup, some CI runners) with SIGINT ignored, an ignored signal stays
+# ignored across fork and exec, and Python then installs no KeyboardInterrupt handler:
+# a test's Ctrl-C would never arrive. (Done here, in the child, rather than with
+# preexec_fn: no Python code runs between fork and exec.) The project's root comes
+# first on sys.path: the child runs the code under test whatever its working directory.
+_RUN_MODULE = f"""\
+import runpy, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {{signal.SIGINT, signal.SIGTERM}})
+sys.path.insert(0, {str(ROOT)!r})
+runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+"""
+
+
+def python_module(module: str) -> list[str]:
+    """The argv that runs ``module`` as ``python -m`` would, with SIGINT and SIGTERM
+    as a foreground shell hands them on (see above)."""
+    return [sys.executable, "-c", _RUN_MODULE, module]
+
+
+JOBD = python_module("jobd.daemon")
 
 
 def base_config(state: Path, extra: str = "", daemon_keys: str = "") -> str:

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from jobd.client import Client
-from tests.conftest import READY_DEADLINE, DaemonProcess, wait_for
+from tests.conftest import READY_DEADLINE, DaemonProcess, python_module, wait_for
 
-JOBCTL = [sys.executable, "-m", "jobd.cli"]
+JOBCTL = python_module("jobd.cli")  # with SIGINT as at a terminal: the tests press Ctrl-C
 TIMEOUT = 60.0  # seconds a jobctl command may take: only matters when something is broken
 
 EXIT_ERROR = 1
