@@ -2,6 +2,14 @@
 
 Waiting here is always for a condition (the socket answers, a process exits),
 with a generous deadline that only matters when something is broken.
+
+Nothing the suite starts outlives it. Every process it starts carries
+``JOBD_TEST_SUITE=<this session>`` in its environment, and every daemon also
+``JOBD_TEST_DAEMON=<its directory>``, which its jobs inherit (a job's
+environment is the daemon's). Jobs run in sessions of their own: killing a
+daemon leaves them running, so a daemon's teardown kills everything carrying
+its mark. After every test, whatever of this session is still alive (but for
+daemons a longer-lived fixture holds) is killed and the test fails, naming it.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,11 @@ import pytest
 
 READY_DEADLINE = 30.0  # seconds a daemon may take to start answering (CI machines are slow)
 ROOT = Path(__file__).resolve().parent.parent  # the project whose code is under test
+
+SUITE_MARK = "JOBD_TEST_SUITE"
+DAEMON_MARK = "JOBD_TEST_DAEMON"
+SUITE_ID = uuid.uuid4().hex
+os.environ[SUITE_MARK] = SUITE_ID  # inherited by every process the suite starts
 
 # Python children run like `python -m MODULE`, but first set the disposition of the
 # signals tests send them. A shell without job control starts a background command
@@ -156,13 +170,18 @@ class DaemonProcess:
         self.write_config()
         log = self.dir / f"daemon-{len(self.logs)}.log"
         self.logs.append(log)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.marks)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 [*JOBD, "--config", str(self.config)], stdout=out, stderr=subprocess.STDOUT, env=env
             )
         if wait:
             self.wait_ready()
+
+    @property
+    def marks(self) -> dict[str, str]:
+        """What this daemon and its jobs carry in their environment."""
+        return {SUITE_MARK: SUITE_ID, DAEMON_MARK: str(self.dir)}
 
     def wait_ready(self) -> None:
         assert self.proc is not None
@@ -189,6 +208,13 @@ class DaemonProcess:
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)
+
+    def kill_everything(self) -> list[Leftover]:
+        """SIGKILL the daemon, then whatever carries its mark (its jobs, which run in
+        sessions of their own and outlive it), and wait until all are gone."""
+        if self.proc is not None:
+            self.kill()
+        return kill_marked(f"the processes of the daemon in {self.dir}", self.marks)
 
     def raw(self, hello: bool = True) -> Raw:
         return Raw(self.socket, hello)
@@ -218,9 +244,7 @@ def daemon_factory(workdir: Path) -> Iterator[type[DaemonProcess]]:
         conn.close()
     Raw.opened.clear()
     for d in started:
-        if d.proc is not None and d.proc.poll() is None:
-            d.proc.send_signal(signal.SIGKILL)
-            d.proc.wait()
+        d.kill_everything()
 
 
 @pytest.fixture
@@ -250,3 +274,131 @@ def pid_alive(pid: int) -> bool:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
         return f.read().split(")")[-1].split()[0] != "Z"
     return True
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot): with the pid, names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(stat[stat.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def kill_group_if_same(pid: int, ticks: int | None) -> None:
+    """SIGKILL the process group led by ``pid`` if that is still the process that
+    started at ``ticks`` (never a stranger that reused the pid), and wait until it is gone."""
+    if ticks is None or start_ticks(pid) != ticks:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(pid), f"process {pid} to be gone")
+
+
+# -- nothing outlives its test ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A live process that carries marks of this session."""
+
+    pid: int
+    pgid: int
+    cmdline: str
+    jobd_env: dict[str, str]  # its JOBD_* variables: which daemon, run and attempt
+
+    def __str__(self) -> str:
+        marks = " ".join(f"{k}={v}" for k, v in sorted(self.jobd_env.items()) if k != SUITE_MARK)
+        return f"pid {self.pid} (group {self.pgid}): {self.cmdline!r} [{marks}]"
+
+
+def find_marked(marks: dict[str, str]) -> list[Leftover]:
+    """Live processes whose environment holds every ``NAME=value`` of ``marks``.
+
+    A zombie is gone for our purposes (its environment cannot be read either).
+    """
+    wanted = {f"{name}={value}".encode() for name, value in marks.items()}
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read().split(b"\0")
+            if not wanted <= set(environ):
+                continue
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+            fields = stat[stat.rindex(b")") + 2 :].split()  # the name may hold spaces
+            if fields[0] in (b"Z", b"X"):
+                continue
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):  # gone meanwhile, or not ours to read
+            continue
+        jobd_env = {}
+        for variable in environ:
+            if variable.startswith(b"JOBD_"):
+                name, _, value = variable.decode(errors="replace").partition("=")
+                jobd_env[name] = value
+        argv = cmdline.decode(errors="replace").rstrip("\0").split("\0")
+        if argv[1:3] == ["-c", _RUN_MODULE]:  # say python_module() as `python -m` would
+            argv[1:3] = ["-m"]
+        command = " ".join(argv)
+        found.append(Leftover(pid, int(fields[2]), command, jobd_env))
+    return found
+
+
+def kill_marked(what: str, marks: dict[str, str], spare: Iterable[int] = ()) -> list[Leftover]:
+    """SIGKILL every live process carrying ``marks`` (but ``spare``), with its process
+    group unless that is the suite's own, until none is left; returns what was found.
+
+    Killed processes are waited for: a SIGKILL takes effect asynchronously.
+    """
+    spared = set(spare)
+    found: dict[int, Leftover] = {}
+
+    def none_left() -> bool:
+        alive = [p for p in find_marked(marks) if p.pid not in spared]
+        for p in alive:
+            found.setdefault(p.pid, p)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if p.pgid > 1 and p.pgid != os.getpgrp():
+                    os.killpg(p.pgid, signal.SIGKILL)
+                else:  # a daemon or jobctl: in the suite's own group
+                    os.kill(p.pid, signal.SIGKILL)
+        return not alive
+
+    wait_for(none_left, f"{what} to be gone")
+    return list(found.values())
+
+
+# Daemons that outlive a test (a module-scoped fixture's): spared by the check after it.
+LONG_LIVED: list[DaemonProcess] = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    """After a test and its fixtures, nothing it started may be alive."""
+    try:
+        return (yield)
+    finally:
+        spare = [d.proc.pid for d in LONG_LIVED if d.proc is not None and d.proc.poll() is None]
+        left = kill_marked("what the test left", {SUITE_MARK: SUITE_ID}, spare)
+        if left:
+            raise AssertionError(
+                f"{item.nodeid} left {len(left)} process(es) running (killed now):\n"
+                + "\n".join(f"  {p}" for p in left)
+            )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The last line of defence, also after Ctrl-C: nothing of this session survives it."""
+    left = kill_marked("what the suite left", {SUITE_MARK: SUITE_ID})
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        lines = [f"the suite left {len(left)} process(es) running (killed now):"]
+        lines += [f"  {p}" for p in left]
+        if reporter is not None:
+            reporter.write_line("\n".join(lines), red=True, bold=True)
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

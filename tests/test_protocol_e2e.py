@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import READY_DEADLINE, DaemonProcess, Raw, wait_for
+from tests.conftest import LONG_LIVED, READY_DEADLINE, DaemonProcess, Raw, wait_for
 
 DOCUMENTED_METHODS = ("hello", "submit", "get", "list", "cancel", "logs", "wait", "stats")
 MISSING = 999_999  # a run id no test journal reaches
@@ -201,12 +201,13 @@ def module_daemon() -> Iterator[DaemonProcess]:
     root = Path(tempfile.mkdtemp(prefix="jobd-e", dir="/tmp"))
     (root / "d").mkdir()
     d = DaemonProcess(root / "d")
+    LONG_LIVED.append(d)  # the check after each test spares the daemon itself, not its jobs
     try:
         d.start()
         yield d
     finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.kill()
+        LONG_LIVED.remove(d)
+        d.kill_everything()
         shutil.rmtree(root, ignore_errors=True)
 
 
