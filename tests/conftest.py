@@ -31,9 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
-READY_DEADLINE = 30.0  # seconds a daemon may take to start answering (CI machines are slow)
+READY_DEADLINE = 60.0  # seconds a daemon may take to start answering, or a condition to hold
+REPLY_DEADLINE = 2 * READY_DEADLINE  # seconds a reply may take: more than any `wait` timeout
 ROOT = Path(__file__).resolve().parent.parent  # the project whose code is under test
+
+# How fast the machine is is no property of any test: a loaded machine must not fail
+# one (hypothesis's default deadline is 200 ms per example).
+settings.register_profile("jobd", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("jobd")
 
 SUITE_MARK = "JOBD_TEST_SUITE"
 DAEMON_MARK = "JOBD_TEST_DAEMON"
@@ -95,7 +102,7 @@ class Raw:
 
     def __init__(self, path: Path, hello: bool = True) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(READY_DEADLINE)
+        self.sock.settimeout(REPLY_DEADLINE)
         try:
             self.sock.connect(str(path))
         except OSError:
@@ -257,12 +264,14 @@ def daemon(daemon_factory: type[DaemonProcess]) -> DaemonProcess:
 def wait_for(predicate: Any, what: str, deadline: float = READY_DEADLINE) -> Any:
     """Poll a condition (never a fixed sleep); fail with ``what`` after the deadline."""
     end = time.monotonic() + deadline
-    while time.monotonic() < end:
+    while True:
+        past_deadline = time.monotonic() >= end  # read first: the last try comes after it
         value = predicate()
         if value:
             return value
+        if past_deadline:
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:
