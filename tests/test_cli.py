@@ -22,10 +22,13 @@ from typing import Any
 import pytest
 
 from jobd.client import Client
-from tests.conftest import READY_DEADLINE, DaemonProcess, wait_for
+from tests.conftest import READY_DEADLINE, DaemonProcess, python_module, wait_for
 
-JOBCTL = [sys.executable, "-m", "jobd.cli"]
-TIMEOUT = 60.0  # seconds a jobctl command may take: only matters when something is broken
+JOBCTL = python_module("jobd.cli")  # with SIGINT as at a terminal: the tests press Ctrl-C
+# Seconds a jobctl command may take: only matters when something is broken. Each takes
+# ~0.5 s of CPU, and jobctl_all starts up to 22 at once: on a loaded 2-core machine
+# they take a minute or more together.
+TIMEOUT = 300.0
 
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 2
@@ -44,15 +47,36 @@ def environment(sock: Path) -> dict[str, str]:
 
 
 def start(sock: Path, *args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [*JOBCTL, *args],
-        env=environment(sock),
+    return popen([*JOBCTL, *args], environment(sock), cwd)
+
+
+def popen(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        argv,
+        env=env,
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    started.append(proc)
+    return proc
+
+
+started: list[subprocess.Popen[str]] = []  # what the running test started
+
+
+@pytest.fixture(autouse=True)
+def _no_jobctl_outlives_its_test() -> Iterator[None]:
+    """A test that fails half-way may leave a jobctl waiting or following: kill and
+    reap it (and close its pipes) before the next test."""
+    yield
+    while started:
+        proc = started.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def finish(proc: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
@@ -619,14 +643,7 @@ runpy.run_module("jobd.cli", run_name="__main__")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to ask as another uid")
 def test_forbidden_names_the_uid(daemon: DaemonProcess) -> None:
     procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", AS_NOBODY, *args],
-            env=environment(daemon.socket),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        popen([sys.executable, "-c", AS_NOBODY, *args], environment(daemon.socket))
         for args in (["ls"], ["--json", "show", "1"])
     ]
     human, as_json_ = (finish(proc) for proc in procs)

@@ -22,6 +22,7 @@ from jobd.errors import ClientError, DaemonNotRunning, RemoteError, RequestTooLa
 from tests.conftest import DaemonProcess, wait_for
 
 TIMEOUT = 60.0  # seconds a reply may take: only matters when something is broken
+WHOLE_TEST = 300.0  # seconds an async test may take in all: only matters when something hangs
 
 
 def blocker(path: Path) -> list[str]:
@@ -309,7 +310,7 @@ def test_socket_left_by_a_killed_daemon(daemon: DaemonProcess) -> None:
 
 async def test_async_client_methods(daemon: DaemonProcess, workdir: Path) -> None:
     go = workdir / "go"
-    with trio.fail_after(TIMEOUT):
+    with trio.fail_after(WHOLE_TEST):
         async with AsyncClient(daemon.socket) as client:
             assert client.server_info["protocol"] == 1
             run_id = await client.submit(command=["echo", "hi"], tags=["t"])
@@ -366,7 +367,7 @@ async def test_async_client_logs_follow(daemon: DaemonProcess, workdir: Path) ->
     script = (
         f'echo first; while [ ! -e "{go}" ] && [ -d "{workdir}" ]; do sleep 0.02; done; echo second'
     )
-    with trio.fail_after(TIMEOUT):
+    with trio.fail_after(WHOLE_TEST):
         async with AsyncClient(daemon.socket) as client:
             run_id = await client.submit(shell=script)
             received = ""
@@ -383,7 +384,7 @@ async def test_async_client_serves_concurrent_tasks_on_one_connection(
     go = workdir / "go"
     finished: dict[int, int] = {}  # task → its run id
     long_result: dict[str, Any] = {}
-    with trio.fail_after(TIMEOUT):
+    with trio.fail_after(WHOLE_TEST):
         async with AsyncClient(daemon.socket) as client:
             long_id = await client.submit(command=blocker(go), name="long")
 

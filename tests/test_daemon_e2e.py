@@ -14,13 +14,40 @@ import apsw
 import pytest
 
 from jobd.daemon import _Waiter
-from tests.conftest import JOBD, DaemonProcess, Raw, pid_alive, wait_for
+from tests.conftest import (
+    JOBD,
+    READY_DEADLINE,
+    REPLY_DEADLINE,
+    DaemonProcess,
+    Raw,
+    kill_group_if_same,
+    pid_alive,
+    start_ticks,
+    wait_for,
+)
+
+# For the tests that signal the daemon while runs are running: no test step can outlast
+# this grace period, however loaded the machine. A test that needs it to end sends the
+# second signal; test_runs_still_running_when_the_grace_period_ends_... lets one expire.
+LONG_GRACE = 'shutdown_grace = "300s"\nkill_grace = "2s"'
 
 
-def wait_all(conn: Raw, ids: list[int], timeout: float = 60) -> dict[int, dict]:
-    result = conn.result("wait", {"ids": ids, "timeout": timeout})
+def wait_all(conn: Raw, ids: list[int], timeout: float = READY_DEADLINE) -> dict[int, dict]:
+    conn.sock.settimeout(timeout + READY_DEADLINE)  # the daemon's timed_out answer comes first
+    try:
+        result = conn.result("wait", {"ids": ids, "timeout": timeout})
+    finally:
+        conn.sock.settimeout(REPLY_DEADLINE)
     assert not result["timed_out"], result
     return {r["id"]: r for r in result["runs"]}
+
+
+def begun(conn: Raw, run_id: int) -> int | None:
+    """The pid of the run's latest attempt once a worker has begun it. A run handed to
+    a pool shows as running before that (prefetch; a worker yet to take it), and a
+    SIGTERM then puts it back in the queue instead of waiting for it."""
+    attempts = conn.result("get", {"id": run_id})["attempt_list"]
+    return attempts[-1].get("pid") if attempts else None
 
 
 def blocker(path: Path) -> list[str]:
@@ -137,10 +164,11 @@ def test_cancel_kills_group_members_that_ignore_sigterm_after_the_leader_obeyed(
     daemon: DaemonProcess, workdir: Path
 ) -> None:
     # The leader (sh) dies of SIGTERM at once; a member ignores it. The SIGKILL
-    # after kill_grace goes to the group, not only to a live leader.
+    # after kill_grace goes to the group, not only to a live leader. The member
+    # writes its pid once it ignores SIGTERM: the cancel cannot come before.
     c = daemon.raw()
     pidfile = workdir / "member.pid"
-    script = f"(trap '' TERM; exec sleep 300) & echo $! > {pidfile}; wait"
+    script = f"sh -c 'trap \"\" TERM; echo $$ > {pidfile}; exec sleep 300' & wait"
     run_id = c.result("submit", {"shell": script})["id"]
     wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), "the member's pid")
     member = int(pidfile.read_text())
@@ -225,7 +253,8 @@ def test_leftover_process_of_a_lost_attempt_is_killed_before_retry(
     c = daemon.raw()
     run = wait_all(c, [run_id])[run_id]
     assert run["state"] == "succeeded" and run["attempts"] == 2
-    assert not pid_alive(survivor)
+    # Killed, and the SIGKILL takes effect (asynchronously).
+    wait_for(lambda: not pid_alive(survivor), "the leftover to be killed")
     attempts = c.result("get", {"id": run_id})["attempt_list"]
     assert [a["outcome"] for a in attempts] == ["lost", "succeeded"]
     assert marker.read_text().split() == ["1", "2"]
@@ -245,18 +274,22 @@ def test_leftover_without_jobd_environment_is_found_by_its_journaled_pid(
         "the attempt's pid in the journal",
     )
     leader = c.result("get", {"id": run_id})["attempt_list"][0]["pid"]
-    wait_for(
-        lambda: Path(f"/proc/{leader}/cmdline").read_bytes().startswith(b"/bin/sleep"),
-        "the exec",
-    )
-    assert b"JOBD_" not in Path(f"/proc/{leader}/environ").read_bytes()
-    daemon.kill()
-    assert pid_alive(leader)
-    daemon.start()
-    c = daemon.raw()
-    run = wait_all(c, [run_id])[run_id]
-    assert run["state"] == "succeeded" and run["attempts"] == 2
-    wait_for(lambda: not pid_alive(leader), "the leftover to be killed")
+    ticks = start_ticks(leader)
+    try:
+        wait_for(
+            lambda: Path(f"/proc/{leader}/cmdline").read_bytes().startswith(b"/bin/sleep"),
+            "the exec",
+        )
+        assert b"JOBD_" not in Path(f"/proc/{leader}/environ").read_bytes()
+        daemon.kill()
+        assert pid_alive(leader)
+        daemon.start()
+        c = daemon.raw()
+        run = wait_all(c, [run_id])[run_id]
+        assert run["state"] == "succeeded" and run["attempts"] == 2
+        wait_for(lambda: not pid_alive(leader), "the leftover to be killed")
+    finally:  # it carries none of the suite's marks either: no teardown would find it
+        kill_group_if_same(leader, ticks)
 
 
 def test_sigterm_puts_prefetched_runs_back_in_the_queue_unbegun(
@@ -265,7 +298,9 @@ def test_sigterm_puts_prefetched_runs_back_in_the_queue_unbegun(
     """Runs handed to a pool ahead of its free workers (prefetch) have not begun when
     the daemon is told to stop: they go back to the queue at once, none begins during
     the grace period, and none counts as lost (a graceful restart loses nothing)."""
-    d = daemon_factory("[pools.lane]\nkind = 'process'\nworkers = 1\nprefetch = 4\n")
+    d = daemon_factory(
+        "[pools.lane]\nkind = 'process'\nworkers = 1\nprefetch = 4\n", daemon_keys=LONG_GRACE
+    )
     d.start()
     c = d.raw()
     release, starts = workdir / "release", workdir / "starts"
@@ -274,6 +309,7 @@ def test_sigterm_puts_prefetched_runs_back_in_the_queue_unbegun(
         c.result("submit", {"shell": f"echo $JOBD_RUN_ID >> {starts}", "pool": "lane"})["id"]
         for _ in range(4)
     ]
+    wait_for(lambda: begun(c, blocking), "the blocking run to begin")
     wait_for(
         lambda: all(c.result("get", {"id": i})["state"] == "running" for i in waiting),
         "the prefetched runs to be handed to the pool",
@@ -305,19 +341,25 @@ def test_sigterm_puts_prefetched_runs_back_in_the_queue_unbegun(
 
 
 def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
-    daemon: DaemonProcess, workdir: Path
+    daemon_factory: type[DaemonProcess], workdir: Path
 ) -> None:
+    daemon = daemon_factory(daemon_keys=LONG_GRACE)
+    daemon.start()
     c = daemon.raw()
     release = workdir / "release"
     short = c.result("submit", {"command": blocker(release)})["id"]
     long_run = c.result("submit", {"command": ["sleep", "300"], "pool": "default"})["id"]
-    wait_for(lambda: c.result("stats")["pools"][0]["running"] == 2, "both to run")
+    wait_for(lambda: begun(c, short) and begun(c, long_run), "both to begin")
     daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     wait_for(lambda: "shutting down" in daemon.log_text(), "the shutdown to begin")
     # New work is refused while draining, on connections that were open.
     reply = c.request("submit", {"command": ["true"]})
     assert reply.get("error", {}).get("code") == "shutting_down", reply
     release.touch()  # the short run finishes within the grace period
+    wait_for(lambda: c.result("get", {"id": short})["state"] == "succeeded", "the short run")
+    assert c.result("get", {"id": long_run})["state"] == "running"  # still waited for
+    # Enough: the second signal stops the long one now, as the grace period's end would.
+    daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     assert daemon.proc.wait(60) == 0  # type: ignore[union-attr]
     daemon.proc = None
     daemon.start()
@@ -329,10 +371,34 @@ def test_sigterm_waits_for_short_runs_and_requeues_long_ones(
     wait_all(c, [long_run])
 
 
-def test_second_sigterm_cuts_the_grace_period_short(daemon: DaemonProcess) -> None:
+def test_runs_still_running_when_the_grace_period_ends_are_stopped_and_requeued(
+    daemon_factory: type[DaemonProcess],
+) -> None:
+    daemon = daemon_factory(daemon_keys='shutdown_grace = "1s"\nkill_grace = "2s"')
+    daemon.start()
     c = daemon.raw()
     run_id = c.result("submit", {"command": ["sleep", "300"]})["id"]
-    wait_for(lambda: c.result("get", {"id": run_id})["state"] == "running", "it to run")
+    pid = wait_for(lambda: begun(c, run_id), "it to begin")
+    daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert daemon.proc.wait(60) == 0  # type: ignore[union-attr]
+    daemon.proc = None
+    assert "re-queued at the next start" in daemon.log_text()
+    wait_for(lambda: not pid_alive(pid), "the attempt's process to be stopped")
+    daemon.start()
+    c = daemon.raw()
+    run = c.result("get", {"id": run_id})
+    assert run["attempt_list"][0]["outcome"] == "lost", run
+    assert run["state"] in ("queued", "running"), run  # again
+    c.result("cancel", {"ids": [run_id]})
+    assert wait_all(c, [run_id])[run_id]["state"] == "cancelled"
+
+
+def test_second_sigterm_cuts_the_grace_period_short(daemon_factory: type[DaemonProcess]) -> None:
+    daemon = daemon_factory(daemon_keys=LONG_GRACE)  # no waiting it out: exit 0 is the cut
+    daemon.start()
+    c = daemon.raw()
+    run_id = c.result("submit", {"command": ["sleep", "300"]})["id"]
+    wait_for(lambda: begun(c, run_id), "it to begin")
     daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     wait_for(lambda: "shutting down" in daemon.log_text(), "the shutdown to begin")
     daemon.proc.send_signal(signal.SIGINT)  # type: ignore[union-attr]

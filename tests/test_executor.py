@@ -12,6 +12,7 @@ from jobd.config import PoolConfig
 from jobd.core.effects import KillLeftovers, Started
 from jobd.core.model import Kind, Outcome, Result, Spec
 from jobd.executor import Executor, Handback, _start_ticks, reap_leftovers
+from tests.conftest import SUITE_ID, SUITE_MARK
 
 
 async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -46,7 +47,8 @@ def reap(
 def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> None:
     # A process that reused a journaled pid (after a reboot, in a new pid namespace,
     # after the pids wrapped) has another start time: it is left alone.
-    proc = subprocess.Popen(["sleep", "300"], start_new_session=True, env={})
+    # No JOBD_INSTANCE, JOBD_RUN_ID or JOBD_ATTEMPT: only pid and start time can match.
+    proc = subprocess.Popen(["sleep", "300"], start_new_session=True, env={SUITE_MARK: SUITE_ID})
     try:
         ticks = _start_ticks(proc.pid)
         assert ticks is not None
