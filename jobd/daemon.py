@@ -164,75 +164,88 @@ class Daemon:
             config.kill_grace,
             child_umask=self._child_umask,
         )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.writer.run)
-            await nursery.start(self.executor.run)
-            found = await trio.to_thread.run_sync(self.journal.load_active)
-            runs, next_id = found.runs, found.next_id
-            recovered = sum(r.state is State.RUNNING for r in runs)
-            faults.crash_point("recovery-loaded")
-            # Journaled pids name processes only within the boot they ran in:
-            # the boot of the last start (recorded once its recovery committed).
-            boot = executor_mod.boot_id()
-            previous = await trio.to_thread.run_sync(self.journal.meta, "boot_id")
-            self._same_boot = boot is not None and boot == previous
-            # Interrupted commands are fenced: their leftovers are killed and
-            # waited for before anything lets them run again.
-            effects = self.scheduler.handle(Recover(tuple(runs), next_id), time.time())
-            leftovers = [e for e in effects if isinstance(e, KillLeftovers)]
-            self.writer.add(effects)
-            for why, ids in _grouped(found.unreadable).items():
-                log.error("run(s) %s: %s; failing them", ", ".join(map(str, ids)), why)
-                self._quarantine(ids, why)
-            await self.writer.flush()
-            if leftovers:
-                # Before serving, so that a restart shows the runs settled; what
-                # survives SIGKILL for long is left to a background task.
-                if alive := await self._reap(leftovers):
-                    nursery.start_soon(self._reap_until_gone, alive)
-                await self.writer.flush()
-            if boot is not None and boot != previous:
-                await trio.to_thread.run_sync(self.journal.set_meta, "boot_id", boot)
-            if recovered:
-                log.warning("recovered %d interrupted run(s) from the journal", recovered)
-            async with trio.open_nursery() as serving:
-                await serving.start(self.server.serve, listener)
-                if config.demo and next_id == 1:
-                    await self._submit_demo_runs()
-                self._print_banner(len(runs))
-                _notify_ready()
-                task_status.started()
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async with trio.open_nursery() as waiting:
-                        waiting.start_soon(self._first_signal, signals)
-                        await self._stop_requested.wait()
-                        waiting.cancel_scope.cancel()
-                    async with trio.open_nursery() as stopping:
-                        stopping.start_soon(self._hurry_on_second_signal, signals)
-                        await self._shutdown()
-                        stopping.cancel_scope.cancel()
-                self.server.stop_accepting()
-                serving.cancel_scope.cancel()  # close the connections still open
-            self.writer.close()
-            with trio.move_on_after(FINAL_FLUSH_SECONDS):
-                await self.writer.flush()
-            if not self.writer.healthy:
-                # Nothing in the pending batch was acknowledged; runs whose end
-                # is lost are recovered (and re-run) at the next start.
-                log.error(
-                    "exiting with changes not journaled (%s): nothing unjournaled was"
-                    " acknowledged; runs whose end was not recorded are recovered at"
-                    " the next start",
-                    self.writer.last_error,
-                )
-                self.exit_code = self.exit_code or 1
-            nursery.cancel_scope.cancel()
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._on_signals, signals)
+                await self._run_tasks(nursery, listener, task_status)
 
-    async def _first_signal(self, signals: Any) -> None:
+    async def _run_tasks(
+        self,
+        nursery: trio.Nursery,
+        listener: trio.SocketListener,
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        config = self.config
+        await nursery.start(self.writer.run)
+        await nursery.start(self.executor.run)
+        found = await trio.to_thread.run_sync(self.journal.load_active)
+        runs, next_id = found.runs, found.next_id
+        recovered = sum(r.state is State.RUNNING for r in runs)
+        faults.crash_point("recovery-loaded")
+        # Journaled pids name processes only within the boot they ran in:
+        # the boot of the last start (recorded once its recovery committed).
+        boot = executor_mod.boot_id()
+        previous = await trio.to_thread.run_sync(self.journal.meta, "boot_id")
+        self._same_boot = boot is not None and boot == previous
+        # Interrupted commands are fenced: their leftovers are killed and
+        # waited for before anything lets them run again.
+        effects = self.scheduler.handle(Recover(tuple(runs), next_id), time.time())
+        leftovers = [e for e in effects if isinstance(e, KillLeftovers)]
+        self.writer.add(effects)
+        for why, ids in _grouped(found.unreadable).items():
+            log.error("run(s) %s: %s; failing them", ", ".join(map(str, ids)), why)
+            self._quarantine(ids, why)
+        await self.writer.flush()
+        if leftovers:
+            # Before serving, so that a restart shows the runs settled; what
+            # survives SIGKILL for long is left to a background task.
+            if alive := await self._reap(leftovers):
+                nursery.start_soon(self._reap_until_gone, alive)
+            await self.writer.flush()
+        if boot is not None and boot != previous:
+            await trio.to_thread.run_sync(self.journal.set_meta, "boot_id", boot)
+        if recovered:
+            log.warning("recovered %d interrupted run(s) from the journal", recovered)
+        async with trio.open_nursery() as serving:
+            await serving.start(self.server.serve, listener)
+            if config.demo and next_id == 1:
+                await self._submit_demo_runs()
+            self._print_banner(len(runs))
+            _notify_ready()
+            task_status.started()
+            await self._stop_requested.wait()
+            await self._shutdown()
+            self.server.stop_accepting()
+            serving.cancel_scope.cancel()  # close the connections still open
+        self.writer.close()
+        with trio.move_on_after(FINAL_FLUSH_SECONDS):
+            await self.writer.flush()
+        if not self.writer.healthy:
+            # Nothing in the pending batch was acknowledged; runs whose end
+            # is lost are recovered (and re-run) at the next start.
+            log.error(
+                "exiting with changes not journaled (%s): nothing unjournaled was"
+                " acknowledged; runs whose end was not recorded are recovered at"
+                " the next start",
+                self.writer.last_error,
+            )
+            self.exit_code = self.exit_code or 1
+        nursery.cancel_scope.cancel()
+
+    async def _on_signals(self, signals: Any) -> None:
+        """SIGTERM/SIGINT: the first stops the daemon, a second cuts the grace
+        period short, and any later one changes nothing (the final commit is
+        never interrupted). Listened to from the start of recovery to the exit."""
         async for signum in signals:
-            log.info("received %s: shutting down", signal.Signals(signum).name)
-            self._stop_requested.set()
-            return
+            name = signal.Signals(signum).name
+            if not self._stop_requested.is_set():
+                log.info("received %s: shutting down", name)
+                self._stop_requested.set()
+            elif not self._grace_scope.cancel_called:
+                log.warning("received %s again: stopping running attempts now", name)
+                self._grace_scope.cancel()
+            else:
+                log.info("received %s again: already stopping", name)
 
     def fatal(self, why: str) -> None:
         """A failure the daemon cannot contain: stop cleanly, exit EX_SOFTWARE.
@@ -243,13 +256,6 @@ class Daemon:
             log.critical("stopping: %s; the next start recovers from the journal", why)
         self.exit_code = EXIT_SOFTWARE
         self._stop_requested.set()
-
-    async def _hurry_on_second_signal(self, signals: Any) -> None:
-        async for signum in signals:
-            log.warning(
-                "received %s again: stopping running attempts now", signal.Signals(signum).name
-            )
-            self._grace_scope.cancel()
 
     async def _shutdown(self) -> None:
         self.stopping = True
@@ -749,6 +755,40 @@ def _make_dirs(config: Config) -> None:
             )
 
 
+# Signals a job should start with at their default action, whatever the daemon
+# was started with (nohup, `&` and some service managers ignore some of them).
+_CHILD_DEFAULT_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGALRM,
+    signal.SIGTSTP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+)
+
+
+def _unignore_signals() -> None:
+    """A signal ignored when the daemon starts would stay ignored in every job
+    (SIG_IGN survives exec; Popen restores only SIGPIPE and SIGXFSZ). A handler
+    does not survive exec: the daemon keeps ignoring such a signal through a
+    handler that does nothing, and its jobs start with the default action.
+    SIGCHLD ignored would make the kernel reap jobs before the executor waits
+    for them: it gets its default."""
+    for signum in _CHILD_DEFAULT_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _ignore)
+    if signal.getsignal(signal.SIGCHLD) == signal.SIG_IGN:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """Ignore a signal the daemon was started with ignored (see _unignore_signals)."""
+
+
 def _notify_ready() -> None:
     """sd_notify READY=1 when run by systemd with Type=notify (issue 5 extends this)."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -784,6 +824,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dev and args.config:
             parser.error("--dev and --config exclude each other")
         config = dev_config() if args.dev else load_config(args.config or Path(DEFAULT_CONFIG))
+        _unignore_signals()
         daemon = Daemon(config)
         trio.run(daemon.run)
     except JobdError as exc:

@@ -651,3 +651,55 @@ def test_sigterm_while_the_journal_cannot_commit_exits_1_in_bounded_time(
     c = daemon.raw()
     assert c.result("list", {"name": "never-acknowledged"})["runs"] == []
     assert c.result("stats")["daemon"]["healthy"] is True
+
+
+def test_jobs_start_with_default_signal_actions_whatever_the_daemon_ignored(
+    daemon_factory: type[DaemonProcess],
+) -> None:
+    """nohup and `&` start the daemon with SIGHUP/SIGQUIT ignored; SIG_IGN survives
+    exec, so every job would ignore them too (and could not be stopped with them)."""
+    d = daemon_factory()
+    ignored = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+    before = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
+    try:
+        d.start()  # inherits the ignored dispositions, as from nohup
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    c = d.raw()
+    run_id = c.result("submit", {"shell": "grep SigIgn /proc/self/status"})["id"]
+    (run,) = wait_all(c, [run_id]).values()
+    assert run["state"] == "succeeded", run
+    output = "".join(
+        reply["event"]["data"]
+        for reply in _replies_until_result(c, c.send("logs", {"id": run_id}))
+        if "event" in reply
+    )
+    mask = int(output.split()[1], 16)
+    for s in ignored:
+        assert not mask & (1 << (s - 1)), f"the job ignores {s.name}: {output}"
+
+
+def _replies_until_result(c: Any, request_id: int) -> list[dict[str, Any]]:
+    replies = []
+    while (reply := c.read()) is not None:
+        assert reply["id"] == request_id, reply
+        replies.append(reply)
+        if "event" not in reply:
+            break
+    return replies
+
+
+def test_more_signals_during_shutdown_never_make_it_unclean(
+    daemon_factory: type[DaemonProcess],
+) -> None:
+    """The signal listener lives until the exit: a third or fourth signal (an
+    impatient operator, a service manager) never interrupts the final commit."""
+    d = daemon_factory()
+    for _ in range(5):
+        d.start()
+        assert d.proc is not None
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+            d.proc.send_signal(sig)
+        assert d.stop() == 0, d.log_text()[-3000:]
+        assert "Traceback" not in d.log_text(), d.log_text()[-3000:]
