@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,8 +83,9 @@ class Connection:
     streams: trio.Semaphore = field(default_factory=lambda: trio.Semaphore(STREAMS_AT_ONCE))
     #: when the connection last had nothing in flight (trio time), for idle_timeout
     idle_since: float = field(default_factory=trio.current_time)
-    #: the scope of the read in progress, if any (its deadline follows idleness)
+    #: the reader's scope; its deadline is hello_timeout, then follows idleness
     receiving: trio.CancelScope | None = None
+    idle_timeout: float = math.inf
     #: bytes of an unfinished request line, counted against the uid's input budget
     buffered: int = 0
 
@@ -95,17 +97,32 @@ class Connection:
         or that is gone, ends the connection and everything it runs."""
         if self.closed:
             return  # gone: the scope is cancelled, the caller stops at its next checkpoint
+        lock = self.send_lock
         try:
-            async with self.send_lock:
-                if self.closed:  # it may have closed while this waited for the lock
-                    return
-                with trio.move_on_after(self.send_timeout) as timer:
-                    await self.stream.send_all(line)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.gone()
-            return
-        if timer.cancelled_caught:
-            self.gone()  # it stopped reading: part of a line may be out; nothing more can be
+            lock.acquire_nowait()  # free, as it nearly always is: no scheduler pass
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self.closed:  # it may have closed while this waited for the lock
+                return
+            # Most lines fit in the socket's buffer: one write, no timer. A write
+            # that would block goes on through trio, bounded in time.
+            sock = getattr(self.stream, "socket", None)  # a SocketStream's; tests use others
+            try:
+                # fileno() each time: -1 once closed, never a number reused since.
+                sent = os.write(sock.fileno(), line) if sock is not None else 0
+            except BlockingIOError:
+                sent = 0
+            if sent == len(line):
+                return
+            with trio.move_on_after(self.send_timeout) as timer:
+                await self.stream.send_all(memoryview(line)[sent:])
+            if timer.cancelled_caught:
+                self.gone()  # it stopped reading: part of a line may be out; nothing more can be
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.gone()  # EPIPE, ECONNRESET: the client went away
+        finally:
+            lock.release()
 
     def gone(self) -> None:
         """The client went away or stopped reading: stop what it asked to read."""
@@ -132,16 +149,20 @@ class Connection:
     def started(self) -> None:
         """A request is now in flight: the connection is not idle."""
         self.inflight += 1
-        if self.receiving is not None:
+        if self.inflight == 1 and self.receiving is not None:
             self.receiving.deadline = math.inf
 
-    def finished(self, idle_timeout: float) -> None:
+    def finished(self) -> None:
         """A request left flight; with none left, the idle clock starts."""
         self.inflight -= 1
         if self.inflight == 0:
-            self.idle_since = trio.current_time()
-            if self.receiving is not None:
-                self.receiving.deadline = self.idle_since + idle_timeout
+            self.idle_now()
+
+    def idle_now(self) -> None:
+        """Nothing in flight from now on: closed after idle_timeout unless a request comes."""
+        self.idle_since = trio.current_time()
+        if self.receiving is not None:
+            self.receiving.deadline = self.idle_since + self.idle_timeout
 
     async def error(self, request_id: Any, exc: ProtocolError) -> None:
         await self.send_line(error_line(request_id, exc))
@@ -265,15 +286,3 @@ class InputBudget:
         """Wait until ``uid`` may send more (backpressure, never an error)."""
         while self.full(uid):
             await self._freed.wait()
-
-    @contextlib.contextmanager
-    def serving(self, uid: int | None, size: int) -> Iterator[None]:
-        """Count a request of ``size`` bytes while it is served (None: an admin's)."""
-        if uid is None:
-            yield
-            return
-        self.charge(uid, size)
-        try:
-            yield
-        finally:
-            self.charge(uid, -size)
