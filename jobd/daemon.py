@@ -441,7 +441,7 @@ class Daemon:
 
         ``KillLeftovers`` comes only from recovery; ``_serve`` carries it out
         once the recovery batch has committed."""
-        gone, alive = await trio.to_thread.run_sync(
+        reaped = await trio.to_thread.run_sync(
             functools.partial(
                 executor_mod.reap_leftovers,
                 self.journal.instance,
@@ -451,12 +451,19 @@ class Daemon:
             ),
             abandon_on_cancel=True,
         )
-        if gone:
+        if reaped.gone:
             faults.crash_point("leftovers-gone")
-            keys = tuple((k.run_id, k.attempt) for k in gone)
-            self.writer.add(self.scheduler.handle(LeftoversGone(keys), time.time()))
-            log.warning("leftovers of %d lost attempt(s) are gone", len(gone))
-        return alive
+            keys = tuple((k.run_id, k.attempt) for k in reaped.gone)
+            # An attempt began if a process of it was found, or if the executor
+            # got as far as creating its output file (just before spawning it):
+            # one without either never ran, and is not counted as tried.
+            began = reaped.found | await trio.to_thread.run_sync(
+                _with_output, self.config.log_dir, keys
+            )
+            event = LeftoversGone(keys, began)
+            self.writer.add(self.scheduler.handle(event, time.time()))
+            log.warning("leftovers of %d lost attempt(s) are gone", len(reaped.gone))
+        return reaped.alive
 
     async def _reap_until_gone(self, leftovers: list[KillLeftovers]) -> None:
         """Leftovers that survive SIGKILL (a process stuck in the kernel): try again
@@ -707,6 +714,13 @@ class Daemon:
                 "wal_pages": self.journal.wal_pages,
             },
         }
+
+
+def _with_output(log_dir: Path, attempts: Iterable[tuple[int, int]]) -> frozenset[tuple[int, int]]:
+    """The attempts whose output file exists (the executor creates it before spawning)."""
+    return frozenset(
+        key for key in attempts if os.path.lexists(executor_mod.output_path(log_dir, *key))
+    )
 
 
 def _grouped(reasons: dict[int, str]) -> dict[str, list[int]]:

@@ -486,10 +486,11 @@ def reap_leftovers(
     same_boot: bool,
     timeout: float,
     poll: float = 0.01,
-) -> tuple[list[KillLeftovers], list[KillLeftovers]]:
+) -> Reaped:
     """SIGKILL every process group left over from lost attempts and wait until
-    they are gone; return (attempts whose leftovers are gone, those still alive
-    after ``timeout`` seconds). Blocking: run it in a thread.
+    they are gone; returns the attempts whose leftovers are gone, those still
+    alive after ``timeout`` seconds, and those of which any process was found.
+    Blocking: run it in a thread.
 
     A process belongs to a lost attempt if
 
@@ -510,24 +511,35 @@ def reap_leftovers(
     """
     pending = list(attempts)
     if not pending:
-        return [], []
+        return Reaped([], [], frozenset())
     deadline = time.monotonic() + timeout
     groups: dict[tuple[int, int], set[int]] = {}  # attempt -> process groups found
     signalled = False
     while True:
         live = _find_leftovers(instance, pending, groups, same_boot=same_boot)
         if not live:
-            return pending, []
+            return Reaped(pending, [], frozenset(groups))
         for pgid in {g for found in live.values() for g in found}:
             _signal_group(pgid, signal.SIGKILL)
         if not signalled:
             signalled = True
             faults.crash_point("leftovers-signalled")
         if time.monotonic() >= deadline:
-            return [a for a in pending if (a.run_id, a.attempt) not in live], [
-                a for a in pending if (a.run_id, a.attempt) in live
-            ]
+            return Reaped(
+                [a for a in pending if (a.run_id, a.attempt) not in live],
+                [a for a in pending if (a.run_id, a.attempt) in live],
+                frozenset(groups),
+            )
         time.sleep(poll)
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    """What ``reap_leftovers`` did."""
+
+    gone: list[KillLeftovers]  # every process found is dead (or none was found)
+    alive: list[KillLeftovers]  # some survived SIGKILL until the timeout
+    found: frozenset[tuple[int, int]]  # (run, attempt) of which any process was found
 
 
 def _find_leftovers(

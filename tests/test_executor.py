@@ -40,8 +40,9 @@ async def test_a_kill_that_comes_after_the_result_leaves_nothing_behind(tmp_path
 
 def reap(
     instance: str, attempts: list[KillLeftovers], *, same_boot: bool
-) -> tuple[list[KillLeftovers], list[KillLeftovers]]:
-    return reap_leftovers(instance, attempts, same_boot=same_boot, timeout=60)
+) -> tuple[list[KillLeftovers], list[KillLeftovers], bool]:
+    reaped = reap_leftovers(instance, attempts, same_boot=same_boot, timeout=60)
+    return reaped.gone, reaped.alive, bool(reaped.found)
 
 
 def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> None:
@@ -53,13 +54,13 @@ def test_leftovers_are_matched_by_pid_and_start_time_never_by_pid_alone() -> Non
         ticks = _start_ticks(proc.pid)
         assert ticks is not None
         stranger = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks - 1)
-        assert reap("some-instance", [stranger], same_boot=True) == ([stranger], [])
+        assert reap("some-instance", [stranger], same_boot=True) == ([stranger], [], False)
         ours = KillLeftovers(7, 1, pid=proc.pid, pid_started=ticks)
         # Journaled in another boot: pid and ticks may match a stranger by chance.
-        assert reap("some-instance", [ours], same_boot=False) == ([ours], [])
+        assert reap("some-instance", [ours], same_boot=False) == ([ours], [], False)
         assert proc.poll() is None
         # Found, killed, and seen gone (a zombie until we reap it: dead) before it returns.
-        assert reap("some-instance", [ours], same_boot=True) == ([ours], [])
+        assert reap("some-instance", [ours], same_boot=True) == ([ours], [], True)
         assert proc.poll() == -signal.SIGKILL
     finally:
         proc.kill()

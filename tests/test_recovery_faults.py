@@ -214,35 +214,25 @@ def test_a_crash_at_any_step_of_recovery_leaves_the_kill_owed(
         assert [a["outcome"] for a in run["attempt_list"]] == ["lost", None], run
         assert starts(workdir) == [(run_id, 1), (run_id, 2)]
     else:
-        # Safety only: whether the retry then runs is the promise of
-        # test_a_crash_after_the_lost_commit_still_runs_the_retry (broken: xfail).
+        # Safety only here: that the retry then runs is the promise of
+        # test_a_crash_after_the_lost_commit_still_runs_the_retry.
         assert run["attempt_list"][0]["outcome"] == "lost", run
     no_overlap(workdir)
     c.result("cancel", {"ids": [run_id]})
     wait_for(lambda: get(c, run_id)["state"] in ("cancelled", "failed"), "the run to end")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobd bug: a crash right after the lost attempt is committed (crash point"
-    " lost-committed) charges the never-spawned retry as a second lost attempt and fails"
-    " the run, instead of running attempt 2",
-)
 def test_a_crash_after_the_lost_commit_still_runs_the_retry(
     daemon_factory: type[DaemonProcess], workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The fault point promises "the lost attempt is journaled, its retry not yet
     started": one crash lost one attempt, so the run has one loss and its retry runs.
 
-    What happens instead: the batch that closes attempt 1 as lost also journals
-    attempt 2 as started (``Scheduler.handle(LeftoversGone)`` ends with ``_dispatch``,
-    which starts the re-queued run at once, and the daemon adds all of it to one
-    batch). The crash comes after that commit and before ``Executor.start``, so the
-    journal holds attempt 2 open with no pid, and no process of it ever existed. The
-    next recovery fences attempt 2, finds no leftovers, closes it as lost too, and as
-    ``lost`` is now 2 > MAX_LOST_REQUEUES the run fails ("attempt 2 lost (2 lost)")
-    although nothing of it ran after the one real crash. Safe (nothing overlaps), but
-    a daemon dying once more in start-up fails every run it was recovering."""
+    The batch that closes attempt 1 as lost also journals attempt 2 as started
+    (the run is dispatched at once); the crash comes before it is spawned. The
+    next recovery finds attempt 2 with no journaled pid and no process: it never
+    began, so it is undone, not counted as a second loss (which used to fail the
+    run, "attempt 2 lost (2 lost)", though nothing of it ever ran)."""
     d = daemon_factory()
     d.start()
     c = d.raw()

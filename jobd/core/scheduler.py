@@ -18,8 +18,9 @@ Recovery kills before it forgets. A run found running at start-up was
 interrupted; its attempt may have left processes behind. The run is *fenced*:
 it stays running, in no pool's count, while the daemon kills whatever is left
 of the attempt (``KillLeftovers``) and waits until those processes are gone.
-Only ``LeftoversGone`` closes the attempt as lost and lets the run be queued
-again. Until then the journal still says ``running``, so a daemon that dies
+Only ``LeftoversGone`` closes the attempt as lost (or undoes it, if it never
+began: no pid journaled, no process or output file found) and lets the run
+be queued again. Until then the journal still says ``running``, so a daemon that dies
 meanwhile finds the same attempt at its next start and kills again: the kill
 is owed until it is known to be done, and a retry never overlaps the attempt.
 
@@ -93,9 +94,16 @@ class Recover:
 @dataclass(frozen=True, slots=True)
 class LeftoversGone:
     """The processes of these lost attempts (run, attempt) are known dead: killed
-    and waited for. Their runs may go on."""
+    and waited for. Their runs may go on.
+
+    ``began`` names the attempts the daemon found signs of (a process, or the
+    output file the executor creates just before spawning). One with neither
+    those nor a journaled pid never began (the daemon died between journaling
+    its start and spawning it; no process ever saw its attempt number): it is
+    undone, not counted as lost."""
 
     attempts: tuple[tuple[int, int], ...]
+    began: frozenset[tuple[int, int]] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,8 +195,8 @@ class Scheduler:
                 self._cancel(run_ids, now, effects)
             case Recover(runs, next_id):
                 self._recover(runs, next_id, now, effects)
-            case LeftoversGone(attempts):
-                self._leftovers_gone(attempts, now, effects)
+            case LeftoversGone(attempts, began):
+                self._leftovers_gone(attempts, began, now, effects)
             case Withdraw(attempts):
                 self._withdraw(attempts, now, effects)
             case Quarantine(run_ids, reason, in_executor):
@@ -370,13 +378,31 @@ class Scheduler:
                 self._enqueue(run)
 
     def _leftovers_gone(
-        self, attempts: Iterable[tuple[int, int]], now: float, effects: list[Effect]
+        self,
+        attempts: Iterable[tuple[int, int]],
+        began: frozenset[tuple[int, int]],
+        now: float,
+        effects: list[Effect],
     ) -> None:
-        for run_id, attempt in attempts:
+        for key in attempts:
+            run_id, attempt = key
             if self.fenced.get(run_id) != attempt:
                 continue  # not fenced (any more): quarantined meanwhile, or a stale report
             del self.fenced[run_id]
-            self._close_lost(self.runs.pop(run_id), now, effects)
+            run = self.runs.pop(run_id)
+            if run.attempt_pid is not None or key in began:
+                self._close_lost(run, now, effects)
+                continue
+            # Journaled as started, never spawned: not tried (DESIGN.md, "An
+            # attempt counts once it began"). Undone like a withdrawn attempt.
+            run.attempts -= 1
+            effects.append(Withdrawn(run_id, attempt, now))
+            if run.cancel_requested:
+                run.state = State.CANCELLED
+                effects.append(StateChanged(run_id, State.CANCELLED, now, "cancelled"))
+            else:
+                run.state = State.QUEUED
+                self._enqueue(run)
 
     def _close_lost(self, run: Run, now: float, effects: list[Effect]) -> None:
         """Close an interrupted attempt as lost; re-queue the run (at-least-once) or end it."""

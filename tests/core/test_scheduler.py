@@ -17,6 +17,7 @@ from jobd.core.effects import (
     Quarantined,
     Started,
     StateChanged,
+    Withdrawn,
 )
 from jobd.core.model import Kind, NewRun, Outcome, Result, Run, Spec, State, priority_value
 from jobd.core.scheduler import (
@@ -62,8 +63,11 @@ def recovered_run(
     attempts: int = 0,
     lost: int = 0,
     cancel_requested: bool = False,
+    *,
+    pid: int | None = 4242,
 ) -> Run:
-    """A run as ``Journal.load_active`` rebuilds it."""
+    """A run as ``Journal.load_active`` rebuilds it (a running one with its
+    attempt's journaled pid, unless ``pid`` is None)."""
     return Run(
         id=run_id,
         spec=COMMAND,
@@ -77,6 +81,7 @@ def recovered_run(
         attempts=attempts,
         lost=lost,
         cancel_requested=cancel_requested,
+        attempt_pid=pid if state is State.RUNNING else None,
     )
 
 
@@ -318,7 +323,7 @@ def test_recovery_fences_an_interrupted_command_until_its_leftovers_are_gone() -
     effects = scheduler.handle(Recover(runs, 8), 50.0)
     # Nothing is journaled for run 3 yet: until its leftovers are known dead the
     # journal keeps it running, so a crash now finds the same attempt again.
-    assert effects == [KillLeftovers(3, 1), Started(5, 1, 50.0, "default", COMMAND)]
+    assert effects == [KillLeftovers(3, 1, 4242), Started(5, 1, 50.0, "default", COMMAND)]
     assert scheduler.fenced == {3: 1}
     assert stats(scheduler) == (0, 1, 0)  # fenced runs take no slot
     # Reports about the fenced attempt are stale: only LeftoversGone moves it on.
@@ -335,6 +340,36 @@ def test_recovery_fences_an_interrupted_command_until_its_leftovers_are_gone() -
     assert scheduler.fenced == {}
     # Ids continue where the journal left off.
     assert [e.run_id for e in scheduler.handle(Submit((new(),)), 52.0)] == [8]
+
+
+def test_an_attempt_that_never_began_is_undone_not_lost() -> None:
+    # The daemon journaled attempt 2's start and died before spawning it: no pid
+    # journaled, no process found. It was not tried; the run goes on, lost once.
+    scheduler = Scheduler({"default": 1})
+    runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1, pid=None),)
+    assert scheduler.handle(Recover(runs, 2), 5.0) == [KillLeftovers(1, 2)]
+    effects = scheduler.handle(LeftoversGone(((1, 2),)), 6.0)
+    assert effects == [Withdrawn(1, 2, 6.0), Started(1, 2, 6.0, "default", COMMAND)]
+    run = scheduler.runs[1]
+    assert (run.attempts, run.lost) == (2, 1)
+
+
+def test_an_attempt_whose_process_was_found_counts_even_without_a_journaled_pid() -> None:
+    # Spawned, but the daemon died before the pid was journaled: it began.
+    scheduler = Scheduler({"default": 1})
+    runs = (recovered_run(1, State.RUNNING, attempts=1, pid=None),)
+    scheduler.handle(Recover(runs, 2), 5.0)
+    effects = scheduler.handle(LeftoversGone(((1, 1),), frozenset({(1, 1)})), 6.0)
+    assert effects[0] == Ended(lost_result(1, 1, 6.0), None)
+
+
+def test_a_cancelled_attempt_that_never_began_ends_cancelled() -> None:
+    scheduler = Scheduler({"default": 1})
+    runs = (recovered_run(1, State.RUNNING, attempts=1, cancel_requested=True, pid=None),)
+    scheduler.handle(Recover(runs, 2), 5.0)
+    effects = scheduler.handle(LeftoversGone(((1, 1),)), 6.0)
+    assert effects == [Withdrawn(1, 1, 6.0), StateChanged(1, State.CANCELLED, 6.0, "cancelled")]
+    assert scheduler.runs == {}
 
 
 def test_an_interrupted_callable_is_closed_as_lost_at_once() -> None:
@@ -355,7 +390,7 @@ def test_a_run_whose_leftovers_were_gone_queues_behind_older_runs() -> None:
     scheduler = Scheduler({"default": 1})
     runs = (recovered_run(1, State.QUEUED), recovered_run(2, State.RUNNING, attempts=1))
     effects = scheduler.handle(Recover(runs, 3), 50.0)
-    assert effects[0] == KillLeftovers(2, 1)
+    assert effects[0] == KillLeftovers(2, 1, 4242)
     assert started(effects) == [1]
     scheduler.handle(LeftoversGone(((2, 1),)), 51.0)
     # Run 1 is older: it has the slot; the interrupted run 2 waits behind it.
@@ -375,7 +410,7 @@ def test_a_run_lost_twice_fails() -> None:
     # and the run fails instead of being re-queued.
     again = Scheduler({"default": 1})
     runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1),)
-    assert again.handle(Recover(runs, 2), 9.0) == [KillLeftovers(1, 2)]
+    assert again.handle(Recover(runs, 2), 9.0) == [KillLeftovers(1, 2, 4242)]
     effects = again.handle(LeftoversGone(((1, 2),)), 9.0)
     assert effects == [
         Ended(lost_result(1, 2, 9.0), None),
@@ -398,7 +433,7 @@ def test_a_cancel_requested_before_a_crash_ends_the_run_cancelled_at_recovery() 
         recovered_run(2, State.QUEUED),
     )
     effects = recovered.handle(Recover(runs, 3), 9.0)
-    assert effects == [KillLeftovers(1, 1), Started(2, 1, 9.0, "default", COMMAND)]
+    assert effects == [KillLeftovers(1, 1, 4242), Started(2, 1, 9.0, "default", COMMAND)]
     effects = recovered.handle(LeftoversGone(((1, 1),)), 9.5)
     assert effects == [
         Ended(lost_result(1, 1, 9.5), None),
@@ -431,7 +466,7 @@ def test_a_fenced_run_can_be_cancelled_and_ends_cancelled_once_its_leftovers_are
 def test_a_cancel_requested_before_a_second_crash_still_ends_cancelled_not_failed() -> None:
     scheduler = Scheduler({"default": 1})
     runs = (recovered_run(1, State.RUNNING, attempts=2, lost=1, cancel_requested=True),)
-    assert scheduler.handle(Recover(runs, 2), 9.0) == [KillLeftovers(1, 2)]
+    assert scheduler.handle(Recover(runs, 2), 9.0) == [KillLeftovers(1, 2, 4242)]
     effects = scheduler.handle(LeftoversGone(((1, 2),)), 9.0)
     assert effects == [
         Ended(lost_result(1, 2, 9.0), None),

@@ -274,6 +274,7 @@ class ModelJournal:
                 attempts=row.attempts,
                 lost=row.lost,
                 cancel_requested=row.cancel_requested,
+                attempt_pid=_pid(self.attempts.get((row.id, row.attempts))),
             )
             for row in sorted(self.runs.values(), key=lambda r: r.id)
             if not row.state.terminal
@@ -595,7 +596,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         runs, next_id = self.journal.load_active()
         # Snapshot: the scheduler takes the Run objects over and mutates them.
         interrupted = {
-            r.id: (r.attempts, r.lost, r.cancel_requested, r.spec.kind)
+            r.id: (r.attempts, r.lost, r.cancel_requested, r.spec.kind, r.attempt_pid)
             for r in runs
             if r.state is State.RUNNING
         }
@@ -611,13 +612,13 @@ class SchedulerMachine(RuleBasedStateMachine):
         # outlived the daemon) is closed as lost at once. Only then does anything
         # start.
         position = 0
-        for run_id, (attempt, lost, cancel_requested, kind) in interrupted.items():
+        for run_id, (attempt, lost, cancel_requested, kind, pid) in interrupted.items():
             if kind is Kind.CALL:
                 key = (run_id, attempt)
                 self.check_lost(effects[position : position + 2], key, lost, cancel_requested)
                 position += 2
             else:
-                assert effects[position] == KillLeftovers(run_id, attempt)
+                assert effects[position] == KillLeftovers(run_id, attempt, pid)
                 assert self.journal.runs[run_id].state is State.RUNNING
                 position += 1
         assert all(isinstance(e, Started) for e in effects[position:]), effects
@@ -662,7 +663,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     @checked
     def leftovers_gone(self, data: st.DataObject, stale: bool) -> None:
         """The daemon killed an interrupted command's leftovers and saw them gone:
-        only now is its attempt closed as lost and the run free to go on."""
+        only now is its attempt closed as lost and the run free to go on. An
+        attempt with no journaled pid and no process found never began: it is
+        undone instead (not lost; cancelled if its cancel was journaled)."""
         ids = data.draw(
             st.lists(st.sampled_from(sorted(self.fenced)), min_size=1, max_size=3, unique=True),
             label="runs",
@@ -674,11 +677,26 @@ class SchedulerMachine(RuleBasedStateMachine):
             return
         rows = {i: (self.journal.runs[i].lost, self.journal.runs[i].cancel_requested) for i in ids}
         keys = tuple((i, self.fenced.pop(i)) for i in ids)
-        effects = self.handle(LeftoversGone(keys))
-        for n, key in enumerate(keys):
+        began = frozenset(
+            k for k in keys if data.draw(st.booleans(), label=f"a process of {k} was found")
+        )
+        pids = {k: _pid(self.journal.attempts[k]) for k in keys}
+        effects = self.handle(LeftoversGone(keys, began))
+        position = 0
+        for key in keys:
             lost, cancel_requested = rows[key[0]]
-            self.check_lost(effects[2 * n : 2 * n + 2], key, lost, cancel_requested)
-        assert all(isinstance(e, Started) for e in effects[2 * len(ids) :])
+            if pids[key] is None and key not in began:
+                event("leftovers gone: an attempt that never began was undone")
+                expected: list[Effect] = [Withdrawn(*key, self.now)]
+                if cancel_requested:
+                    expected.append(StateChanged(key[0], State.CANCELLED, self.now, "cancelled"))
+                assert effects[position : position + len(expected)] == expected
+                assert self.journal.runs[key[0]].lost == lost
+                position += len(expected)
+            else:
+                self.check_lost(effects[position : position + 2], key, lost, cancel_requested)
+                position += 2
+        assert all(isinstance(e, Started) for e in effects[position:])
 
     @rule(data=st.data())
     @checked
@@ -835,6 +853,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert all(a.outcome is not None for a in self.journal.attempts.values())
         for stats in self.scheduler.statistics():
             assert (stats.queued, stats.running, stats.held) == (0, 0, 0)
+
+
+def _pid(attempt: AttemptRow | None) -> int | None:
+    return attempt.pid if attempt is not None else None
 
 
 def _run_id(effect: Effect) -> int:
