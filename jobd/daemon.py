@@ -567,8 +567,19 @@ class Daemon:
         # so that nothing can separate memory from the journal.
         done = [i for i, r in results.items() if r in ("cancelled", "cancelling")]
         audit = AuditEntry(time.time(), uid, pid, "cancel", {"runs": done}) if done else None
-        unit = tuple(done)
-        await self._journaled(self.writer.add(effects, audit, unit), "the cancel", unit)
+        # Each run's cancel stands on its own (no unit): one the journal refuses
+        # does not undo the others.
+        batch = self.writer.add(effects, audit)
+        await self._journaled(batch, "the cancel")
+        if refused := [i for i in done if i in batch.refused]:
+            others = [i for i in done if i not in batch.refused]
+            raise ProtocolError(
+                ErrorCode.INTERNAL,
+                f"the journal refused the cancel of run(s) {', '.join(map(str, refused))}"
+                f" ({batch.refused[refused[0]]}); they were failed instead"
+                + (f"; run(s) {', '.join(map(str, others))} were cancelled" if others else ""),
+                hint="this is a bug in jobd; the daemon log has the details",
+            )
         # Runs the core no longer knows ended (or never existed). Every commit
         # before this one is in the journal now, including the end of a run
         # that finished just before the cancel.

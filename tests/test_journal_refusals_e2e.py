@@ -210,7 +210,8 @@ def test_a_refused_cancel_fails_the_run_and_kills_its_process(
 ) -> None:
     """A cancel the journal refuses gets ``internal``; the run it named is quarantined
     (failed, not left running with memory and journal disagreeing) and its process
-    group is killed; another run goes on untouched."""
+    group is killed; another run named in the same request is cancelled all the same,
+    and one not named goes on untouched."""
     d = poisoned_daemon(daemon_factory, POISON_CANCEL)
     c = d.raw()
     pidfile = workdir / "pid"
@@ -223,9 +224,14 @@ def test_a_refused_cancel_fails_the_run_and_kills_its_process(
     pid = int(pid)
     wait_for(lambda: c.result("get", {"id": other})["state"] == "running", "the other run")
 
-    refused = error_of(c.request("cancel", {"ids": [poisoned]}))
+    queued = c.result("submit", {"command": ["true"], "name": "queued"})["id"]  # no slot left
+    assert c.result("get", {"id": queued})["state"] == "queued"
+    refused = error_of(c.request("cancel", {"ids": [poisoned, queued]}))
     assert refused["code"] == "internal", refused
     assert "poisoned cancel" in refused["message"], refused
+    # Each run's cancel stands on its own: the other one in the request was made.
+    assert f"run(s) {queued} were cancelled" in refused["message"], refused
+    assert c.result("get", {"id": queued})["state"] == "cancelled"
     run = wait_all(c, [poisoned])[poisoned]
     assert run["state"] == "failed", run
     info = c.result("get", {"id": poisoned})
