@@ -290,23 +290,9 @@ class Server:
                 await conn.stream.aclose()
 
     async def _read_requests(self, conn: Connection, nurseries: Nurseries) -> None:
-        budget_uid = None if conn.role >= Role.ADMIN else conn.peer.uid  # admins: uncounted
-        buffer = LineBuffer(self.config.max_line)
-        try:
-            await self._read_lines(conn, nurseries, buffer, budget_uid)
-        finally:
-            if budget_uid is not None:
-                self.budget.charge(budget_uid, -conn.buffered)
-                conn.buffered = 0
-
-    async def _read_lines(
-        self,
-        conn: Connection,
-        nurseries: Nurseries,
-        buffer: LineBuffer,
-        budget_uid: int | None,
-    ) -> None:
         c = self.config
+        budget_uid = None if conn.role >= Role.ADMIN else conn.peer.uid  # admins: uncounted
+        buffer = LineBuffer(c.max_line)
         # A connection that never says hello would hold a slot for ever: it gets
         # hello_timeout to do so; after that, idle_timeout with nothing in flight.
         # One scope for the whole loop, its deadline moved as the connection goes
@@ -315,10 +301,15 @@ class Server:
         # stalled by its user's budget with nothing in flight is idle like any other.
         conn.receiving = trio.CancelScope(deadline=trio.current_time() + c.hello_timeout)
         conn.idle_timeout = c.idle_timeout
-        with conn.receiving:
-            await self._read_loop(conn, nurseries, buffer, budget_uid)
-            return
-        await self._timed_out(conn)  # the deadline passed
+        try:
+            with conn.receiving:
+                await self._read_loop(conn, nurseries, buffer, budget_uid)
+                return
+            await self._timed_out(conn)  # the deadline passed
+        finally:
+            if budget_uid is not None:
+                self.budget.charge(budget_uid, -conn.buffered)
+                conn.buffered = 0
 
     async def _read_loop(
         self,

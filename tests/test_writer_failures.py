@@ -13,7 +13,6 @@ And the journal's reads: one bad row never fails ``list``/``get`` for everyone.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ import trio.testing
 
 from jobd.core.effects import Created, Effect, Ended, Quarantined, Started
 from jobd.core.model import Kind, Outcome, Result, Spec, State
-from jobd.errors import JournalDamagedError, JournalDataError, JournalError
+from jobd.errors import JournalDamagedError, JournalDataError
 from jobd.groupcommit import Batch, GroupCommitter
 from jobd.journal import _WRITERS, AuditEntry, Journal, check_writers
+from tests.test_journal import FullDiskJournal
 
 SPEC = Spec(Kind.COMMAND, command=("echo", "hi"))
 
@@ -123,21 +123,6 @@ async def test_the_writer_commits_the_innocent_and_reports_the_guilty(journal: J
 
 
 # -- transient: nobody hangs -----------------------------------------------------------
-
-
-class FullDiskJournal(Journal):
-    """Commits fail like a full disk until ``failing`` is cleared."""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path, "normal")
-        self.failing = True
-        self.attempts = threading.Semaphore(0)
-
-    def write(self, effects: Sequence[Effect], audit: Sequence[AuditEntry] = ()) -> None:
-        if self.failing:
-            self.attempts.release()
-            raise JournalError("journal commit failed: database or disk is full")
-        super().write(effects, audit)
 
 
 async def test_requests_queued_behind_a_failing_batch_are_answered_at_once(
