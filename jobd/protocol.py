@@ -35,6 +35,7 @@ MAX_LIST_LIMIT = 1_000  # runs per list page, upper bound
 MAX_NESTING = 32  # levels of arrays/objects inside a callable's args or kwargs
 NOT_FOUND_LISTED = 20  # ids named in a not_found message; the rest are counted
 MAX_RUN_ID = 2**63 - 1  # SQLite's largest INTEGER: a larger id cannot even be looked up
+PATH_MAX = 4096  # characters of a cwd (Linux's PATH_MAX, in bytes, bounds any real one)
 
 
 class ErrorCode(enum.StrEnum):
@@ -343,8 +344,10 @@ def parse_submission(data: Any, where: str = "params", owner: int = 0) -> NewRun
     ):
         raise invalid(f"{where}.env: must map variable names (no '=') to strings")
     cwd = data.get("cwd")
-    if cwd is not None and (not isinstance(cwd, str) or not cwd.startswith("/")):
-        raise invalid(f"{where}.cwd: must be an absolute path")
+    if cwd is not None and (
+        not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd or len(cwd) > PATH_MAX
+    ):
+        raise invalid(f"{where}.cwd: must be an absolute path (no NUL, at most {PATH_MAX} bytes)")
     pool = data.get("pool", "default")
     if not isinstance(pool, str) or not pool:
         raise invalid(f"{where}.pool: must be a pool name")

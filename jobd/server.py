@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("jobd.server")
 
 LIST_REPLY_OVERHEAD = 256  # bytes of a list reply besides its runs (id, cursor, framing)
+MAX_WAIT = 366 * 86400.0  # seconds a wait may ask for (longer: leave timeout out)
 ROLE_CACHE_SECONDS = 60.0  # seconds a uid's role (from passwd and group lookups) is reused
 LINES_PER_TURN = 64  # request lines parsed before the reader lets other tasks run
 # Methods that change state: once received they are carried out even if their
@@ -578,11 +579,14 @@ class Server:
         if isinstance(states, str):
             states = [states]
         known = {s.value for s in State}
-        if not isinstance(states, list) or not all(s in known for s in states):
+        if not isinstance(states, list) or not all(
+            isinstance(s, str) and s in known for s in states
+        ):
             raise invalid(
                 "'state' must be a state name or a list of them",
                 hint=f"states: {', '.join(sorted(known))}",
             )
+        states = sorted(set(states))  # at most one SQL variable per state, whatever was sent
         filters: dict[str, Any] = {}
         for key in ("pool", "name", "tag"):
             value = params.get(key)
@@ -639,9 +643,11 @@ class Server:
         ids = run_ids_param(params)
         timeout = params.get("timeout")
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not 0 <= timeout <= MAX_WAIT
         ):
-            raise invalid("'timeout' must be a number of seconds >= 0")
+            raise invalid(f"'timeout' must be a number of seconds from 0 to {MAX_WAIT:g}")
         runs, timed_out = await self.daemon.wait(ids, timeout)
         missing = [i for i in ids if i not in runs]
         if missing:
