@@ -16,8 +16,9 @@ SIGTERM restart), and its fds and memory are back near where they started.
 
 Targeted cases go with it: bad text (surrogates as bytes and as escapes,
 overlong forms, NUL) in each string field, one at a time; every parameter of
-every method with a value of every JSON type; and the jobd bugs found so far,
-as strict xfail tests (see KNOWN_BUGS).
+every method with a value of every JSON type; and regression tests for the
+jobd bugs it found (unhashable list states, a wait timeout too large for a
+float, a NUL in cwd, more list states than SQLite has variables).
 
 Safety: jobd runs jobs as the user running the suite. Generated data never
 chooses what runs: every line is parsed as the daemon would parse it before
@@ -104,17 +105,6 @@ INVALID_BYTES = (
     b"\x00",  # raw NUL
     b"\x1f",  # raw control character
 )
-
-# Known jobd bugs the generated traffic steers clear of, so that the fuzzer
-# can look for new ones; each has an xfail(strict) test below. Remove the
-# corresponding check from ``known_bug`` when its test starts passing.
-KNOWN_BUGS = {
-    "list-state-unhashable": "test_list_state_with_an_unhashable_item_is_invalid_params",
-    "wait-timeout-overflow": "test_wait_with_a_timeout_too_large_for_a_float",
-    "cwd-nul": "test_cwd_with_a_nul_is_invalid_params",
-    "list-state-too-many": "test_list_with_more_states_than_sqlite_variables",
-}
-
 
 # -- a strict wire ---------------------------------------------------------------------
 
@@ -372,36 +362,10 @@ def harmless_submit(params: dict[str, Any]) -> bool:
     return True
 
 
-def known_bug(method: str, params: dict[str, Any]) -> str | None:
-    """Which of KNOWN_BUGS this request would hit, if any."""
-    state = params.get("state")
-    if (
-        method == "list"
-        and isinstance(state, list)
-        and any(isinstance(s, list | dict) for s in state)
-    ):
-        return "list-state-unhashable"
-    if method == "list" and isinstance(state, list) and len(state) > SQLITE_MAX_VARIABLES:
-        return "list-state-too-many"
-    timeout = params.get("timeout")
-    if method == "wait" and isinstance(timeout, int) and not isinstance(timeout, bool):
-        try:
-            float(timeout)
-        except OverflowError:
-            return "wait-timeout-overflow"
-    if method == "submit":
-        runs = params.get("runs")
-        for run in runs if isinstance(runs, list) else [params]:
-            cwd = run.get("cwd") if isinstance(run, dict) else None
-            if isinstance(cwd, str) and "\0" in cwd:
-                return "cwd-nul"
-    return None
-
-
 def vet(data: bytes, own_runs: set[int]) -> str | None:
     """Why ``data`` must not be sent, or None. Every line is parsed as the daemon parses
     it: a submit that would be accepted must be harmless, a cancel may only name the
-    fuzzer's own runs (or ids never reached), and no line may hit a known bug."""
+    fuzzer's own runs (or ids never reached)."""
     for line in data.split(b"\n"):
         try:
             request = parse_request(line)
@@ -415,9 +379,6 @@ def vet(data: bytes, own_runs: set[int]) -> str | None:
             for item in ids if isinstance(ids, list) else []:
                 if type(item) is int and 0 < item < FAR and item not in own_runs:
                     return f"a cancel of a run not the fuzzer's: {line[:200]!r}"
-        bug = known_bug(request.method, params)
-        if bug:
-            return f"known bug {bug}: {line[:200]!r}"
     return None
 
 
@@ -670,9 +631,9 @@ spec_fields = st.fixed_dictionaries(
     {},
     optional={
         "env": mostly(st.dictionaries(env_keys, mostly(texts), max_size=3)),
-        "cwd": weighted(  # never a NUL: see KNOWN_BUGS
-            (3, st.sampled_from(["/", "/tmp"])),
-            (3, nul_free_texts.map("/".__add__)),
+        "cwd": weighted(
+            (3, st.sampled_from(["/", "/tmp", "/\0"])),
+            (3, texts.map("/".__add__)),
             (1, nul_free_texts),
             (1, spliced),
             (1, ints),
@@ -750,7 +711,6 @@ PARAM_STRATEGIES: dict[str, st.SearchStrategy[dict[str, Any]]] = {
     "list": st.fixed_dictionaries(
         {},
         optional={
-            # never an unhashable item in a list: see KNOWN_BUGS
             "state": weighted(
                 (4, st.sampled_from(["queued", "succeeded", "dead", "nope", ""])),
                 (
@@ -1372,7 +1332,7 @@ def test_every_parameter_with_a_value_of_every_type(fresh: DaemonProcess) -> Non
         for what, method, params in sweep_requests():
             line = json.dumps({"id": len(sent) + 1, "method": method, "params": params})
             if vet(line.encode(), set()):
-                skipped += 1  # a known bug: see KNOWN_BUGS
+                skipped += 1  # it would run something that is not harmless
                 continue
             sent[len(sent) + 1] = what
             assert c.wire.send(line.encode() + b"\n")
@@ -1419,18 +1379,13 @@ def test_the_journal_survives_a_restart_after_bad_text(fresh: DaemonProcess) -> 
     assert all_runs(d.socket) == before
 
 
-# -- known bugs (found by the fuzzer; see KNOWN_BUGS) ---------------------------------------------
+# -- bugs the fuzzer found (fixed; these keep them fixed) ------------------------------------------
 
 
 def traceback_free(d: DaemonProcess) -> None:
     assert "Traceback" not in d.log_text(), log_tail(d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobd bug: list's 'state' items are looked up in a set unchecked: an unhashable "
-    "item (a list or object) raises TypeError, answered 'internal' (server.handle_list)",
-)
 @pytest.mark.parametrize("state", [[[]], [{}], ["queued", ["running"]]])
 def test_list_state_with_an_unhashable_item_is_invalid_params(
     daemon_factory: Any, state: Any
@@ -1448,12 +1403,6 @@ def test_list_state_with_an_unhashable_item_is_invalid_params(
     traceback_free(d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobd bug: wait's 'timeout' may be an int too large for a float (309 to 4300 "
-    "digits); with a run still active, trio.move_on_after raises OverflowError, answered "
-    "'internal' (daemon.wait)",
-)
 def test_wait_with_a_timeout_too_large_for_a_float(daemon_factory: Any) -> None:
     d = daemon_factory(LIMITS)
     d.start()
@@ -1482,12 +1431,6 @@ def test_wait_with_a_timeout_too_large_for_a_float(daemon_factory: Any) -> None:
     traceback_free(d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobd bug: a submission's 'cwd' may contain NUL (no other string field may): the "
-    "run is accepted, then subprocess.Popen raises ValueError('embedded null byte'), logged "
-    "as 'executor bug' with a traceback; the run fails with 'internal executor error'",
-)
 def test_cwd_with_a_nul_is_invalid_params(daemon_factory: Any) -> None:
     d = daemon_factory(LIMITS)
     d.start()
@@ -1504,13 +1447,6 @@ def test_cwd_with_a_nul_is_invalid_params(daemon_factory: Any) -> None:
     traceback_free(d)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobd bug: list's 'state' list goes to SQLite as one variable per item, "
-    "duplicates included: over 32766 items (295 KB, within the default max_line of 1 MiB) "
-    "fail with 'too many SQL variables', answered 'unavailable' (a journal outage) instead "
-    "of invalid_params (journal.list_runs via server.handle_list)",
-)
 def test_list_with_more_states_than_sqlite_variables(daemon_factory: Any) -> None:
     d = daemon_factory()  # the default max_line (1 MiB): such a line fits
     d.start()
