@@ -282,7 +282,6 @@ class InputBudget:
     def full(self, uid: int) -> bool:
         return self.by_uid.get(uid, 0) >= self.per_uid or self.used >= self.total
 
-    async def room(self, uid: int) -> None:
-        """Wait until ``uid`` may send more (backpressure, never an error)."""
-        while self.full(uid):
-            await self._freed.wait()
+    async def freed(self) -> None:
+        """Wait until some bytes are released (by anyone: check ``full`` again)."""
+        await self._freed.wait()

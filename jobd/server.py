@@ -21,6 +21,7 @@ import grp
 import logging
 import os
 import pwd
+import select
 import socket as stdsocket
 import struct
 from collections.abc import Awaitable, Callable
@@ -72,6 +73,7 @@ log = logging.getLogger("jobd.server")
 
 LIST_REPLY_OVERHEAD = 256  # bytes of a list reply besides its runs (id, cursor, framing)
 MAX_WAIT = 366 * 86400.0  # seconds a wait may ask for (longer: leave timeout out)
+ROOM_CHECK = 1.0  # seconds between checks for a hang-up while a reader waits for budget
 ROLE_CACHE_SECONDS = 60.0  # seconds a uid's role (from passwd and group lookups) is reused
 LINES_PER_TURN = 64  # request lines parsed before the reader lets other tasks run
 # Methods that change state: once received they are carried out even if their
@@ -322,8 +324,14 @@ class Server:
         c = self.config
         while not conn.closed:
             await conn.room_to_read(c.max_line)
-            if budget_uid is not None:
-                await self.budget.room(budget_uid)
+            # Hello is small and bounded by its timeout: it is always read.
+            if (
+                budget_uid is not None
+                and conn.hello
+                and self.budget.full(budget_uid)
+                and not await self._wait_for_room(conn, budget_uid)
+            ):
+                return  # the client left while it waited
             try:
                 data = await conn.stream.receive_some(RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -394,6 +402,20 @@ class Server:
                     nursery.start_soon(self._dispatch, conn, request, None, 0)
                 else:
                     nursery.start_soon(self._dispatch, conn, request, budget_uid, len(line))
+
+    async def _wait_for_room(self, conn: Connection, uid: int) -> bool:
+        """Backpressure: wait until ``uid`` may send more. Nothing is read meanwhile,
+        so a client that closes would go unnoticed: its socket is checked for a
+        hang-up every ROOM_CHECK seconds (only while stalled). False if it left."""
+        sock = conn.stream.socket
+        hangup = select.poll()
+        hangup.register(sock.fileno(), select.POLLHUP)
+        while self.budget.full(uid):
+            with trio.move_on_after(ROOM_CHECK):
+                await self.budget.freed()
+            if hangup.poll(0):
+                return False  # POLLHUP: both directions closed (a half-close is not)
+        return True
 
     async def _timed_out(self, conn: Connection) -> None:
         if not conn.hello:
