@@ -636,12 +636,6 @@ EVENT_DEADLINE = 10.0  # seconds for an event that takes milliseconds (a second'
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a reader waiting for input budget (InputBudget.room in"
-    " Server._read_lines) does not watch its socket: a client that leaves then is"
-    " never noticed, and its slot, fd and buffered bytes stay counted for ever",
-)
 def test_a_client_that_leaves_while_over_its_budget_is_let_go(
     daemon_factory: Any, agents: list[Agent]
 ) -> None:
@@ -649,10 +643,8 @@ def test_a_client_that_leaves_while_over_its_budget_is_let_go(
     ``max_line`` = 1 MiB), so the daemon stops reading it; then the client closes.
     The daemon must let the connection go: its slot and its buffered bytes are freed.
 
-    Today the reader waits for budget room before its next read, without watching
-    the socket or any deadline, and room never comes: the connection, its fd and
-    its 1 MiB stay for the daemon's lifetime. (The memory test above runs into the
-    same now and then: when every one of a user's connections waits for room.)"""
+    (A reader used to wait for room without watching the socket or any deadline:
+    the connection, its fd and its 1 MiB stayed for the daemon's lifetime.)"""
     d = daemon_factory(FULL_BUDGET)
     d.start()
     nobody = agent_for(agents, d)
@@ -669,25 +661,18 @@ def test_a_client_that_leaves_while_over_its_budget_is_let_go(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: while a reader waits for input budget (InputBudget.room) neither"
-    " idle_timeout nor hello_timeout applies: a connection holding a full budget is"
-    " never closed, and a full max_input_total locks every non-admin user out",
-)
 def test_timeouts_apply_while_the_input_budget_is_full(
     daemon_factory: Any, agents: list[Agent]
 ) -> None:
     """A connection whose unfinished line fills the input budget has nothing in
     flight: like any idle one (a trickling one included) it is closed with ``idle``
-    after ``idle_timeout``, which frees the budget. Until then another user's new
-    connection, whose reader waits for room in ``max_input_total`` before reading
-    anything, is still held to ``hello_timeout``.
+    after ``idle_timeout``, which frees the budget. Meanwhile another user's new
+    connection, though ``max_input_total`` is full, gets its hello answered.
 
-    Today neither timeout applies while a reader waits for room: the full
-    connection is kept for ever (even once its client has gone, see above), and
-    with ``max_input_total`` full every non-admin user's new connection hangs
-    unanswered, its hello never read. Four uids fill the default 16 MiB total."""
+    (Neither timeout used to apply while a reader waited for room: the full
+    connection was kept for ever, and with ``max_input_total`` full every
+    non-admin user's new connection hung unanswered, its hello never read. Hello
+    is now always read.)"""
     d = daemon_factory(FULL_BUDGET)
     d.start()
     nobody = agent_for(agents, d)
